@@ -1,0 +1,1 @@
+"""Built-in dynamical systems, one file each; every module here is found automatically."""

@@ -1,0 +1,3 @@
+from warp_phys.cli import main
+
+raise SystemExit(main())

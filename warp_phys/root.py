@@ -1,0 +1,107 @@
+"""Root networks: what a prior implements so that WARP can use it as its hidden state.
+
+WARP's hidden state θ_t (batch, n_weights) is the flat weight vector of a root network. A
+root family says how many weights it has, what their default values are (θ_0's starting
+point), and how to turn per-sample weights into a prediction of the next state:
+
+    mean, std = root(theta, tau, y_prev, dt)    # theta (B, D), tau (B,), y_prev (B, S)
+
+`std` is None unless the root predicts an uncertainty (Gaussian NLL loss). Evaluation is
+batched over per-sample weights, never a Python loop over the batch.
+
+Roots live in `priors/`, one file per family, registered with `@register_prior("name")`;
+the constructor takes keyword-only options plus `state_dim` and `system` (the registered
+`System` of the dataset, or None).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from warp_phys.registry import Registry
+from warp_phys.system import System
+
+
+class AbstractRoot(nn.Module, ABC):
+    """A family of root networks evaluated with per-sample flat weights."""
+
+    n_weights: int  # D_theta
+
+    @abstractmethod
+    def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
+        """Return default flat weights, ``(n_weights,)`` float32."""
+
+    @abstractmethod
+    def forward(
+        self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float
+    ) -> tuple[Tensor, Tensor | None]:
+        """Predict the next state: mean ``(B, S)`` and std ``(B, S)`` or None."""
+
+    def physical_params(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> dict[str, Tensor]:
+        """Return named physical parameters read from θ, each ``(B,)`` (empty when black-box)."""
+        return {}
+
+
+class FlatMLP:
+    """Slice a flat weight vector into the layers of an MLP, ``torch.nn.Linear`` layout.
+
+    Layer by layer: weight (out x in, row-major) then bias, as in the paper's code.
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.sizes = tuple(int(s) for s in sizes)
+        self.shapes = [(o, i) for i, o in zip(self.sizes[:-1], self.sizes[1:], strict=True)]
+        self.n_weights = sum(o * i + o for o, i in self.shapes)
+
+    def init(self, generator: torch.Generator | None = None) -> Tensor:
+        """Return flat weights with torch.nn.Linear's default init, ``(n_weights,)``."""
+        parts = []
+        for o, i in self.shapes:
+            bound = 1.0 / math.sqrt(i)
+            w = (torch.rand(o * i, generator=generator) * 2 - 1) * bound
+            b = (torch.rand(o, generator=generator) * 2 - 1) * bound
+            parts += [w, b]
+        return torch.cat(parts)
+
+    def layers(self, theta: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Split ``theta (B, n_weights)`` into [(W (B, out, in), b (B, out)), ...]."""
+        B = theta.shape[0]
+        out, k = [], 0
+        for o, i in self.shapes:
+            w = theta[:, k : k + o * i].view(B, o, i)  # (B, out, in)
+            k += o * i
+            b = theta[:, k : k + o]  # (B, out)
+            k += o
+            out.append((w, b))
+        return out
+
+    def __call__(self, theta: Tensor, x: Tensor, activation=torch.nn.functional.silu) -> Tensor:
+        """Evaluate the MLP with per-sample weights: x ``(B, in)`` -> ``(B, out)``."""
+        layers = self.layers(theta)
+        for n, (w, b) in enumerate(layers):
+            x = torch.baddbmm(b.unsqueeze(-1), w, x.unsqueeze(-1)).squeeze(-1)  # (B, out)
+            if n < len(layers) - 1:
+                x = activation(x)
+        return x
+
+
+PRIORS: Registry[type[AbstractRoot]] = Registry("prior", "priors")
+
+
+def register_prior(name: str):
+    """Class decorator: file an `AbstractRoot` subclass in the prior registry under `name`."""
+    return PRIORS.register(name)
+
+
+def build_root(name: str, *, state_dim: int, system: System | None = None, **options) -> AbstractRoot:
+    """Instantiate the prior `name` for a dataset of `state_dim` states."""
+    return PRIORS.get(name)(state_dim=state_dim, system=system, **options)
+
+
+def prior_names() -> list[str]:
+    return PRIORS.names()

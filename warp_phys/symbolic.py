@@ -1,0 +1,101 @@
+"""Systems declared with sympy: the vector field, Jacobian and LaTeX derived from expressions.
+
+    @register_system("lorenz63")
+    class Lorenz63(SymbolicSystem):
+        state = ("x", "y", "z")
+        params = {"sigma": Param(10.0, ...), "rho": ..., "beta": ...}
+        rhs = ("sigma*(y - x)", "x*(rho - z) - y", "x*y - beta*z")
+
+Each entry of `rhs` is a sympy expression (or a string sympy parses) in the state names,
+the parameter names and `t`. The torch vector field is generated once per class with
+`sympy.lambdify`, batched like a hand-written one.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import sympy
+import torch
+from torch import Tensor
+
+from warp_phys.errors import UserError
+from warp_phys.system import ParamView, System
+
+# sympy function name -> torch function, for lambdify
+_TORCH_FUNCS = {
+    name: getattr(torch, name)
+    for name in ("sin", "cos", "tan", "exp", "log", "sqrt", "tanh", "sinh", "cosh", "abs", "sign")
+}
+_TORCH_FUNCS.update({"Abs": torch.abs, "asin": torch.asin, "acos": torch.acos, "atan": torch.atan})
+
+
+class SymbolicSystem(System):
+    """A `System` whose vector field is given as sympy expressions in `rhs`."""
+
+    rhs: tuple[str | sympy.Expr, ...] = ()
+
+    @cached_property
+    def symbols(self) -> tuple[sympy.Symbol, tuple[sympy.Symbol, ...], tuple[sympy.Symbol, ...]]:
+        """Return (t, state symbols, parameter symbols)."""
+        t = sympy.Symbol("t", real=True)
+        ys = tuple(sympy.Symbol(s, real=True) for s in self.state)
+        ps = tuple(sympy.Symbol(p, real=True) for p in self.params)
+        return t, ys, ps
+
+    @cached_property
+    def expressions(self) -> tuple[sympy.Expr, ...]:
+        t, ys, ps = self.symbols
+        if len(self.rhs) != len(self.state):
+            raise UserError(
+                f"system {self.name!r} declares {len(self.state)} states but {len(self.rhs)} "
+                f"right-hand sides; give one expression per state"
+            )
+        local = {s.name: s for s in (t, *ys, *ps)}
+        exprs = tuple(sympy.sympify(e, locals=local) for e in self.rhs)
+        unknown = set().union(*(e.free_symbols for e in exprs)) - set(local.values())
+        if unknown:
+            raise UserError(
+                f"system {self.name!r}: unknown symbols {sorted(map(str, unknown))} in rhs; "
+                f"use the state names {list(self.state)}, parameters {list(self.params)} or t"
+            )
+        return exprs
+
+    @cached_property
+    def _field(self):
+        t, ys, ps = self.symbols
+        return sympy.lambdify((t, ys, ps), list(self.expressions), modules=[_TORCH_FUNCS, "math"])
+
+    @cached_property
+    def _jac(self):
+        t, ys, ps = self.symbols
+        jac = sympy.Matrix(self.expressions).jacobian(ys)
+        return sympy.lambdify((t, ys, ps), jac.tolist(), modules=[_TORCH_FUNCS, "math"])
+
+    def vector_field(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
+        ys = y.unbind(-1)
+        ps = tuple(getattr(p, n) for n in self.params)
+        rows = self._field(t, ys, ps)
+        return torch.stack([torch.as_tensor(r, dtype=y.dtype).expand_as(ys[0]) for r in rows], -1)
+
+    def jacobian(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
+        ys = y.unbind(-1)
+        ps = tuple(getattr(p, n) for n in self.params)
+        rows = self._jac(t, ys, ps)
+        full = [
+            torch.stack([torch.as_tensor(e, dtype=y.dtype).expand_as(ys[0]) for e in row], -1)
+            for row in rows
+        ]
+        return torch.stack(full, -2)  # (..., state, state)
+
+    @property
+    def equations(self) -> tuple[str, ...]:  # type: ignore[override]
+        _, ys, _ = self.symbols
+        return tuple(f"{y}' = {sympy.sstr(e)}" for y, e in zip(ys, self.expressions, strict=True))
+
+    def latex(self) -> list[str]:
+        _, ys, _ = self.symbols
+        return [
+            rf"\dot{{{sympy.latex(y)}}} = {sympy.latex(e)}"
+            for y, e in zip(ys, self.expressions, strict=True)
+        ]
