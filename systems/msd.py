@@ -25,6 +25,8 @@ class MassSpringDamper(System):
     n_steps = 256
     equations = ("x' = v", "v' = -(k x + c v) / m")
     citation = "Nzoyem et al. 2025, Weight-Space Linear Recurrent Neural Networks (MSD)"
+    # the trajectories depend on k/m and c/m only
+    identifiable = {"k/m": lambda p: p.k / p.m, "c/m": lambda p: p.c / p.m}
 
     def vector_field(self, t, y, p):
         x, v = y.unbind(-1)
@@ -43,6 +45,7 @@ class MassSpringDamperZero(System):
     n_steps = 256
     equations = MassSpringDamper.equations
     citation = "Nzoyem et al. 2025, Weight-Space Linear Recurrent Neural Networks (MSD-Zero)"
+    identifiable = MassSpringDamper.identifiable
 
     def vector_field(self, t, y, p):
         x, v = y.unbind(-1)

@@ -22,6 +22,7 @@ class DampedPendulum(System):
     t_span = (0.0, 10.0)
     n_steps = 256
     equations = ("theta' = omega", "omega' = -(g/L) sin(theta) - b omega")
+    identifiable = {"g/L": lambda p: p.g / p.L, "b": lambda p: p.b}
 
     def vector_field(self, t, y, p):
         theta, omega = y.unbind(-1)

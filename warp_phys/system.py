@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -124,7 +124,7 @@ class System(ABC):
     """Base class of every dynamical system. Subclass it once per system; do not subclass further.
 
     Class attributes to declare: `state`, `params`, `y0`, `t_span`, `n_steps`; optional
-    `units`, `y0_test`, `equations` (human-readable lines), `citation`.
+    `units`, `y0_test`, `equations` (human-readable lines), `citation`, `identifiable`.
     """
 
     name: str = ""  # set by @register_system
@@ -137,6 +137,9 @@ class System(ABC):
     n_steps: int = 256
     equations: tuple[str, ...] = ()
     citation: str = ""
+    # combinations of parameters the trajectories determine, reported when priors recover
+    # parameters: name -> function of a ParamView (e.g. {"k/m": lambda p: p.k / p.m})
+    identifiable: Mapping[str, Callable[[ParamView], Tensor]] = {}
 
     def __init__(
         self,

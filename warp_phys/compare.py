@@ -1,0 +1,95 @@
+"""The compare workflow: same data, same budget, vanilla WARP vs WARP-Phys vs GRU vs LSTM.
+
+    runs/out/<name>/
+        results.json  results.md  forecasts.png  horizon.png  recovery.png  predictions.zarr
+        <label>/      one run directory per model (see run.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from warp_phys.config import RunConfig
+from warp_phys.errors import UserError
+from warp_phys.report import plot_forecasts, plot_horizon, plot_recovery, results_table
+from warp_phys.run import (
+    EVAL_SPLITS,
+    _finite,
+    evaluate_run,
+    predictions_dataset,
+    prepare_data,
+    train_and_evaluate,
+    write_predictions,
+)
+
+log = logging.getLogger(__name__)
+
+# Used when a preset names no [models.*]: the four models of the paper's comparison.
+DEFAULT_MODELS = {
+    "warp": {"kind": "warp", "prior": "blackbox"},
+    "warp_phys": {"kind": "warp", "prior": "ode", "hold_after_context": True},
+    "gru": {"kind": "gru"},
+    "lstm": {"kind": "lstm"},
+}
+
+
+def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train and evaluate every model of `cfg`; write the results, table, plots and predictions."""
+    if not cfg.models:
+        cfg = dataclasses.replace(cfg, models=DEFAULT_MODELS)
+    out = Path(cfg.out_dir) / cfg.name
+    if out.exists() and any(out.iterdir()) and not resume and not (out / "results.json").exists() \
+            and not any((out / lab / "run.json").exists() for lab in cfg.models):
+        raise UserError(f"{out} exists and holds something else; pick another --set name=... or delete it")
+    data = prepare_data(cfg, progress=progress)
+    results, preds = {}, {}
+    for label in cfg.models:
+        model_cfg = cfg.model_for(label)
+        run_dir = out / label
+        if resume and (run_dir / "metrics.json").exists():
+            log.info("%s: already done, re-reading its metrics", label)
+            got = evaluate_run(run_dir, cfg=cfg, data=data)
+            got["train"] = json.loads((run_dir / "train_summary.json").read_text())
+        else:
+            got = train_and_evaluate(cfg, data, label, model_cfg, run_dir,
+                                     resume=resume and (run_dir / "last.pt").exists(), progress=progress)
+        results[label] = summarize(got)
+        preds[label] = got["predictions"]
+    summary = {"name": cfg.name, "system": data.system.name, "data": str(data.path),
+               "context": cfg.data.context, "models": results}
+    (out / "results.json").write_text(json.dumps(_finite(summary), indent=2))
+    table = results_table(summary)
+    (out / "results.md").write_text(table)
+    datasets = {s: predictions_dataset(data, s, cfg.data.context, {k: v[s] for k, v in preds.items()})
+                for s in EVAL_SPLITS}
+    shutil.rmtree(out / "predictions.zarr", ignore_errors=True)
+    write_predictions(out / "predictions.zarr", datasets)
+    plot_forecasts(datasets["test_ood"], out / "forecasts.png")
+    plot_horizon(summary, data.times, cfg.data.context, out / "horizon.png")
+    plot_recovery(summary, out / "recovery.png")
+    return summary
+
+
+def summarize(got: dict) -> dict:
+    """Condense one model's metrics to what results.json reports per split."""
+    m = got["metrics"]
+    per_split = {}
+    for split, res in m["splits"].items():
+        model = res["model"]
+        row = {k: model[k] for k in ("mse", "mae", "median_mse", "n_nonfinite")}
+        row |= {k: v for k, v in model.items() if k.startswith("ratio_to_")}
+        row["per_horizon_mse"] = model["per_horizon_mse"]
+        for part in ("in_range", "out_of_range"):
+            if part in model:
+                row[part] = model[part]
+        row["references"] = {k: {"mse": v["mse"], "median_mse": v["median_mse"],
+                                 **({p: v[p] for p in ("in_range", "out_of_range") if p in v})}
+                             for k, v in res["references"].items()}
+        row["recovery"] = res["recovery"]
+        per_split[split] = row
+    return {"n_params": m["n_params"], "train_seconds": got["train"]["train_seconds"],
+            "train_steps": got["train"]["steps"], "splits": per_split}

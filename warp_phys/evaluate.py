@@ -1,0 +1,156 @@
+"""Rollout with context and forecast metrics, beside three reference forecasts.
+
+The first L steps of each test trajectory are context (ground truth fed to the model); the
+model then feeds itself. Metrics cover the forecast steps t = L .. T-1 only, in physical
+units, averaged over states. References on the same steps:
+- persistence: the last context value held;
+- zero and mean: 0, and the training set's mean trajectory;
+- in-context linear least squares: y_{t+1} ≈ E y_t + c fitted on each trajectory's context,
+  rolled forward (exact for linear systems such as the MSD).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from warp_phys.data import Dataset
+
+
+@torch.no_grad()
+def rollout(model: nn.Module, ys: Tensor, context: int, *, batch: int = 256,
+            device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
+    """Return the model's predictions of y_1..y_{T-1} ``(N, T-1, S)`` (and std) with context L."""
+    model.eval()
+    means, stds = [], []
+    for i in range(0, len(ys), batch):
+        out = model(ys[i : i + batch].to(device), context=context)
+        means.append(out.mean.float().cpu())
+        stds.append(None if out.std is None else out.std.float().cpu())
+    std = None if stds[0] is None else torch.cat(stds)
+    return torch.cat(means), std
+
+
+def linear_fit_forecast(ys: Tensor, context: int) -> Tensor:
+    """Fit y_{t+1} = E y_t + c on the context of each trajectory and roll it out, ``(N, T, S)``."""
+    y = ys.double()
+    N, T, S = y.shape
+    X = torch.cat([y[:, : context - 1], torch.ones(N, context - 1, 1, dtype=y.dtype)], -1)  # (N, L-1, S+1)
+    Y = y[:, 1:context]  # (N, L-1, S)
+    W = torch.linalg.lstsq(X, Y).solution  # (N, S+1, S)
+    out = y.clone()
+    for t in range(context, T):
+        out[:, t] = torch.einsum("ns,nsk->nk", out[:, t - 1], W[:, :S]) + W[:, S]
+    return out.float()
+
+
+def forecast_errors(pred: Tensor, truth: Tensor) -> dict:
+    """Metrics of forecasts ``pred, truth (N, H, S)``: mean/median MSE, MAE, per-horizon MSE."""
+    sq = (pred.double() - truth.double()) ** 2
+    per_traj = sq.mean(dim=(1, 2))  # (N,)
+    finite = torch.isfinite(per_traj)
+    return {
+        "mse": float(per_traj.mean()),
+        "mae": float((pred.double() - truth.double()).abs().mean()),
+        "median_mse": float(per_traj.median()),
+        "per_horizon_mse": sq.mean(dim=(0, 2)).tolist(),
+        "per_trajectory_mse": per_traj.tolist(),
+        "n_nonfinite": int((~finite).sum()),
+    }
+
+
+def reference_forecasts(ys: Tensor, context: int, train_mean: Tensor) -> dict[str, Tensor]:
+    """Return the reference forecasts of steps L..T-1, each ``(N, T-L, S)``."""
+    H = ys.shape[1] - context
+    return {
+        "persistence": ys[:, context - 1 : context].expand(-1, H, -1),
+        "zero": torch.zeros_like(ys[:, context:]),
+        "mean": train_mean[context:].expand(len(ys), -1, -1),
+        "linear_fit": linear_fit_forecast(ys, context)[:, context:],
+    }
+
+
+def in_train_range(data: Dataset, params: np.ndarray) -> np.ndarray:
+    """Boolean ``(N,)``: every sampled parameter lies inside the training ranges."""
+    inside = np.ones(len(params), dtype=bool)
+    for j, name in enumerate(data.parameter):
+        lo, hi = data.system.params[name].range("train")
+        inside &= (params[:, j] >= lo - 1e-12) & (params[:, j] <= hi + 1e-12)
+    return inside
+
+
+def evaluate_split(model: nn.Module, data: Dataset, split: str, context: int, *,
+                   device: torch.device | str = "cpu", batch: int = 256) -> dict:
+    """Forecast metrics for one split, with references, robust figures and raw predictions."""
+    ys = data.splits[split].y
+    mean, std = rollout(model, ys, context, batch=batch, device=device)
+    pred = mean[:, context - 1 :]  # (N, T-L, S): predictions of y_L..y_{T-1}
+    truth = ys[:, context:]
+    result = {"model": forecast_errors(pred, truth)}
+    train_mean = data.splits["train"].y.mean(dim=0)  # (T, S)
+    refs = reference_forecasts(ys, context, train_mean)
+    result["references"] = {k: forecast_errors(v, truth) for k, v in refs.items()}
+    for k in result["references"]:
+        ref = result["references"][k]["mse"]
+        result["model"][f"ratio_to_{k}"] = result["model"]["mse"] / ref if ref > 0 else float("inf")
+    if split == "test_ood":
+        inside = in_train_range(data, data.splits[split].params)
+        per = torch.tensor(result["model"]["per_trajectory_mse"], dtype=torch.float64)
+        result["model"]["in_range"] = _subset(per, inside)
+        result["model"]["out_of_range"] = _subset(per, ~inside)
+        for k in refs:
+            per_ref = torch.tensor(result["references"][k]["per_trajectory_mse"], dtype=torch.float64)
+            result["references"][k]["in_range"] = _subset(per_ref, inside)
+            result["references"][k]["out_of_range"] = _subset(per_ref, ~inside)
+    result["recovery"] = recovered_params(model, data, split, context, device=device, batch=batch)
+    return {"metrics": result, "mean": mean, "std": std}
+
+
+def _subset(per: Tensor, mask: np.ndarray) -> dict:
+    m = torch.from_numpy(mask)
+    if not m.any():
+        return {"n": 0, "mse": float("nan"), "median_mse": float("nan")}
+    return {"n": int(m.sum()), "mse": float(per[m].mean()), "median_mse": float(per[m].median())}
+
+
+@torch.no_grad()
+def recovered_params(model: nn.Module, data: Dataset, split: str, context: int, *,
+                     device: torch.device | str = "cpu", batch: int = 256) -> dict:
+    """Physical parameters read at the end of the context against the true ones.
+
+    Returns {} for black-box models. Reports each learned parameter and each identifiable
+    combination the system declares (e.g. k/m for the MSD) with the median relative error.
+    """
+    fn = getattr(model, "physical_params", None)
+    if fn is None:
+        return {}
+    model.eval()
+    ys = data.splits[split].y
+    chunks: dict[str, list[Tensor]] = {}
+    for i in range(0, len(ys), batch):
+        got = fn(ys[i : i + batch].to(device), context)
+        for k, v in got.items():
+            v = v if v.dim() == 1 else v[:, context - 1]  # value at the end of the context
+            chunks.setdefault(k, []).append(v.double().cpu())
+    if not chunks:
+        return {}
+    est = {k: torch.cat(v).numpy() for k, v in chunks.items()}
+    true_params = data.splits[split].params
+    truth = {n: true_params[:, j] for j, n in enumerate(data.parameter)}
+    out = {}
+    for name, (e, t) in _identifiable(data, est, truth).items():
+        rel = np.abs(e - t) / np.maximum(np.abs(t), 1e-12)
+        out[name] = {"median_rel_error": float(np.median(rel)), "mean_rel_error": float(np.mean(rel)),
+                     "estimate": e.tolist(), "true": t.tolist()}
+    return out
+
+
+def _identifiable(data: Dataset, est: dict, truth: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    pairs = {n: (est[n], truth[n]) for n in est if n in truth and data.system.params[n].train is not None}
+    for name, fn in getattr(data.system, "identifiable", {}).items():
+        if all(n in est for n in data.parameter):
+            pe = np.stack([est[n] for n in data.parameter], -1)
+            pt = np.stack([truth[n] for n in data.parameter], -1)
+            pairs[name] = (np.asarray(fn(data.system.view(pe))), np.asarray(fn(data.system.view(pt))))
+    return pairs

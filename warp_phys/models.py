@@ -1,0 +1,68 @@
+"""Build a forecaster (WARP with a prior, GRU, LSTM) from a `ModelConfig` and a dataset."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from warp_phys.config import ModelConfig
+from warp_phys.data import Dataset
+from warp_phys.errors import UserError
+
+MODEL_KINDS = ("warp", "gru", "lstm")
+
+
+class Standardized(nn.Module):
+    """Wrap a forecaster so that it sees standardised states and answers in physical units."""
+
+    def __init__(self, inner: nn.Module, offset: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("offset", offset.clone())  # (S,)
+        self.register_buffer("scale", scale.clone())  # (S,)
+
+    def forward(self, ys: Tensor, **kwargs):
+        out = self.inner((ys - self.offset) / self.scale, **kwargs)
+        std = None if out.std is None else out.std * self.scale
+        return type(out)(out.mean * self.scale + self.offset, std)
+
+    def physical_params(self, ys: Tensor, context: int) -> dict[str, Tensor]:
+        return self.inner.physical_params((ys - self.offset) / self.scale, context)
+
+    def penalty(self, ys: Tensor) -> Tensor | None:
+        fn = getattr(self.inner, "penalty", None)
+        return None if fn is None else fn((ys - self.offset) / self.scale)
+
+    def n_params(self) -> int:
+        return self.inner.n_params()
+
+
+def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
+    """Return the forecaster `cfg` describes, sized for `data`."""
+    from warp_phys.baselines import GRUForecaster, LSTMForecaster
+    from warp_phys.root import PRIORS, build_root
+    from warp_phys.warp import WARP
+
+    if cfg.kind not in MODEL_KINDS:
+        raise UserError(f"unknown model {cfg.kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+    physical = False
+    if cfg.kind == "warp":
+        root_cls = PRIORS.get(cfg.prior)
+        physical = bool(getattr(root_cls, "physical_units", False))
+        root = build_root(cfg.prior, state_dim=data.state_dim, system=data.system, **cfg.prior_options)
+        model = WARP(
+            root=root,
+            state_dim=data.state_dim,
+            dt=data.dt,
+            transition=cfg.transition,
+            anchored=cfg.anchored,
+            init_state=cfg.init_state,
+            hold_after_context=cfg.hold_after_context,
+            pad_to=cfg.pad_to,
+        )
+    elif cfg.kind == "gru":
+        model = GRUForecaster(state_dim=data.state_dim, hidden=cfg.hidden)
+    else:
+        model = LSTMForecaster(state_dim=data.state_dim, hidden=cfg.hidden)
+    if cfg.normalize and not physical:
+        model = Standardized(model, data.offset(), data.scale())
+    return model

@@ -1,0 +1,124 @@
+"""Tables and figures of a compare run (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+REFERENCES = ("persistence", "zero", "mean", "linear_fit")
+
+
+def _fmt(x) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not np.isfinite(x):
+        return str(x)
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def results_table(summary: dict) -> str:
+    """Markdown table: per split and model, forecast errors, robust figures, references."""
+    lines = [f"# {summary['name']}: {summary['system']}, context L = {summary['context']}", ""]
+    models = summary["models"]
+    for split in ("test", "test_ood"):
+        lines += [f"## {split}", ""]
+        head = "| model | MSE | median MSE | MAE | in-range MSE | out-of-range MSE | MSE / linear fit | params | train s |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for label, res in models.items():
+            r = res["splits"][split]
+            lines.append(
+                f"| {label} | {_fmt(r['mse'])} | {_fmt(r['median_mse'])} | {_fmt(r['mae'])} | "
+                f"{_fmt(r.get('in_range', {}).get('mse', '-'))} | {_fmt(r.get('out_of_range', {}).get('mse', '-'))} | "
+                f"{_fmt(r['ratio_to_linear_fit'])} | {res['n_params']:,} | {res['train_seconds']:.0f} |"
+            )
+        first = next(iter(models.values()))["splits"][split]["references"]
+        for ref in REFERENCES:
+            r = first[ref]
+            lines.append(
+                f"| *{ref}* | {_fmt(r['mse'])} | {_fmt(r['median_mse'])} | | "
+                f"{_fmt(r.get('in_range', {}).get('mse', '-'))} | {_fmt(r.get('out_of_range', {}).get('mse', '-'))} | | | |"
+            )
+        lines.append("")
+        rec = [(lab, res["splits"][split]["recovery"]) for lab, res in models.items() if res["splits"][split]["recovery"]]
+        if rec:
+            lines += ["Recovered parameters, median (mean) relative error at the end of the context:", ""]
+            for lab, r in rec:
+                parts = ", ".join(f"{k}: {_fmt(v['median_rel_error'])} ({_fmt(v['mean_rel_error'])})" for k, v in r.items())
+                lines.append(f"- {lab}: {parts}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_forecasts(ds: xr.Dataset, path: Path, n: int = 3) -> None:
+    """A few test trajectories: truth, each model's prediction, the context shaded."""
+    states = list(ds.state.values)
+    L = int(ds.attrs["context"])
+    t = ds.time.values
+    fig, axes = plt.subplots(n, len(states), figsize=(4.5 * len(states), 2.4 * n), squeeze=False)
+    picks = np.linspace(0, ds.sizes["trajectory"] - 1, n).astype(int)
+    for row, i in enumerate(picks):
+        for col, s in enumerate(states):
+            ax = axes[row, col]
+            ax.axvspan(t[0], t[L - 1], color="0.9", label="context" if row == col == 0 else None)
+            ax.plot(t, ds.truth.isel(trajectory=i).sel(state=s), "k", lw=1.5, label="truth" if row == col == 0 else None)
+            for m in ds.model.values:
+                ax.plot(t, ds.prediction.sel(model=m).isel(trajectory=i).sel(state=s), lw=1,
+                        label=str(m) if row == col == 0 else None)
+            ax.set_ylabel(s)
+            if row == n - 1:
+                ax.set_xlabel("t")
+    fig.legend(loc="upper center", ncol=len(ds.model) + 2, fontsize=8)
+    fig.suptitle(f"{ds.attrs['system']} ({ds.attrs['split']}), example forecasts", y=0.995, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_horizon(summary: dict, times: np.ndarray, context: int, path: Path) -> None:
+    """Forecast MSE against horizon (steps after the context), per model, test and test_ood."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, split in zip(axes, ("test", "test_ood"), strict=True):
+        for label, res in summary["models"].items():
+            curve = np.asarray(res["splits"][split]["per_horizon_mse"], dtype=float)
+            ax.semilogy(np.arange(1, len(curve) + 1), curve, label=label)
+        ax.set_title(split)
+        ax.set_xlabel("forecast horizon (steps)")
+    axes[0].set_ylabel("MSE")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recovery(summary: dict, path: Path) -> None:
+    """Recovered against true physical parameters (physics priors only)."""
+    items = [(lab, split, name, r) for lab, res in summary["models"].items()
+             for split in ("test", "test_ood") for name, r in res["splits"][split]["recovery"].items()]
+    if not items:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.text(0.5, 0.5, "no model recovers physical parameters", ha="center", va="center")
+        ax.axis("off")
+    else:
+        names = sorted({(lab, name) for lab, _, name, _ in items})
+        fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.6), squeeze=False)
+        for ax, (lab, name) in zip(axes[0], names, strict=True):
+            for l2, split, n2, r in items:
+                if (l2, n2) == (lab, name):
+                    ax.scatter(r["true"], r["estimate"], s=6, alpha=0.6, label=split)
+            lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+            ax.plot(lims, lims, "k:", lw=0.8)
+            ax.set_title(f"{lab}: {name}", fontsize=9)
+            ax.set_xlabel("true")
+            ax.set_ylabel("recovered")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

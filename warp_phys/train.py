@@ -1,0 +1,239 @@
+"""Training loop: two phases, model selection on val, atomic checkpoints, resume.
+
+Phase 1 (the first `teacher_forced_fraction` of the run) feeds ground truth everywhere, so a
+WARP model computes all hidden states with the parallel scan and the one-step loss covers
+every step at once. Phase 2 rolls the model out autoregressively after the context, with a
+teacher-forcing probability decaying linearly from `teacher_prob_start` to `_end`.
+Progress through the run is max(step / steps, elapsed / max_seconds): a time budget shortens
+every schedule instead of cutting it off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from warp_phys.config import ModelConfig, RunConfig, TrainConfig
+from warp_phys.data import Dataset
+from warp_phys.errors import UserError
+from warp_phys.models import build_model
+from warp_phys.optim import Optimiser
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for (--device cuda) but torch sees no GPU here; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"unknown device {name!r}; use cpu or cuda")
+    return torch.device(name)
+
+
+def check_context(context: int, n_steps: int) -> None:
+    if not 1 <= context < n_steps:
+        raise UserError(
+            f"context L={context} must be at least 1 and below the {n_steps} steps of the dataset; "
+            f"set data.context lower (e.g. --set data.context={n_steps // 2})"
+        )
+
+
+def step_loss(model: nn.Module, ys: Tensor, scale: Tensor, *, context: int, teacher_prob: float,
+              generator: torch.Generator, loss: str, penalty_weight: float) -> Tensor:
+    """Return the training loss of one batch ``ys (B, T, S)`` in units of the data's std."""
+    out = model(ys, context=context, teacher_prob=teacher_prob, generator=generator)
+    target = ys[:, 1:]  # (B, T-1, S): step t predicts y_{t+1}
+    z = (out.mean - target) / scale
+    if loss == "nll":
+        if out.std is None:
+            raise UserError("train.loss = 'nll' needs a root that predicts a std (prior option predict_std = true)")
+        sigma = out.std / scale
+        value = (torch.log(sigma) + 0.5 * ((out.mean - target) / out.std) ** 2).mean()
+    else:
+        value = 0.5 * (z**2).mean()
+    penalty = getattr(model, "penalty", None)
+    if penalty_weight and penalty is not None:
+        extra = penalty(ys)
+        if extra is not None:
+            value = value + penalty_weight * extra.mean()
+    return value
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    elapsed: float = 0.0
+    best_val: float = math.inf
+    best_step: int = -1
+    history: list[dict] = field(default_factory=list)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write a checkpoint so that a kill at any moment leaves the old or the new file, whole."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; run without --resume to start afresh")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise UserError(f"checkpoint {path} is corrupt ({type(err).__name__}); delete it and train afresh") from None
+
+
+@torch.no_grad()
+def val_score(model: nn.Module, ys: Tensor, scale: Tensor, context: int, batch: int) -> float:
+    """Mean forecast MSE on validation trajectories (standardised units): the selection score."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(ys), batch):
+        y = ys[i : i + batch]
+        out = model(y, context=context)
+        err = ((out.mean[:, context - 1 :] - y[:, context:]) / scale) ** 2
+        total += float(err.mean(dim=(1, 2)).sum())
+    model.train()
+    return total / len(ys)
+
+
+def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfig | None = None,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train one model on `data`; write checkpoints, history and summary to `run_dir`."""
+    tcfg, mcfg = cfg.train, model_cfg or cfg.model
+    device = resolve_device(tcfg.device)
+    check_context(cfg.data.context, data.n_steps)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(mcfg, data).to(device)
+    opt = Optimiser(tcfg, [p for p in model.parameters() if p.requires_grad])
+    state = TrainState()
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+    batch_rng = torch.Generator().manual_seed(tcfg.seed + 1)
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state = TrainState(**ckpt["state"])
+        gen.set_state(ckpt["gen"])
+        batch_rng.set_state(ckpt["batch_rng"])
+        log.info("resumed %s at step %d", run_dir, state.step)
+    train_y = data.splits["train"].y.to(device)
+    val_y = data.splits["val"].y[: tcfg.n_val_eval].to(device)
+    scale = data.scale().to(device)
+    T, L = data.n_steps, cfg.data.context
+    bar = tqdm(total=tcfg.steps, initial=state.step, disable=not progress, desc=run_dir.name, leave=False)
+    start = time.perf_counter() - state.elapsed
+    while state.step < tcfg.steps:
+        frac = _progress(tcfg, state.step, time.perf_counter() - start)
+        if frac >= 1.0:
+            break
+        idx = torch.randint(len(train_y), (min(tcfg.batch_size, len(train_y)),), generator=batch_rng)
+        teacher = frac < tcfg.teacher_forced_fraction
+        p = _teacher_prob(tcfg, frac)
+        loss = step_loss(model, train_y[idx.to(device)], scale, context=T if teacher else L,
+                         teacher_prob=0.0 if teacher else p, generator=gen, loss=tcfg.loss,
+                         penalty_weight=tcfg.penalty_weight)
+        if not torch.isfinite(loss):
+            bar.close()
+            _write_summary(run_dir, state, model, mcfg, stopped="non-finite loss")
+            raise UserError(
+                f"training {run_dir} stopped at step {state.step}: the loss is {float(loss)}; "
+                f"the best checkpoint (step {state.best_step}) is intact; lower train.lr or enable "
+                f"gradient clipping"
+            )
+        opt.step(loss, frac)
+        state.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3g}", phase="tf" if teacher else f"ar p={p:.2f}")
+        record = {"step": state.step, "loss": float(loss), "phase": "teacher" if teacher else "auto",
+                  "time": time.perf_counter() - start}
+        if state.step % tcfg.eval_every == 0 or state.step == tcfg.steps:
+            record["val"] = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
+            if record["val"] < state.best_val:
+                state.best_val, state.best_step = record["val"], state.step
+                save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
+        state.history.append(record)
+        state.elapsed = time.perf_counter() - start
+        if "val" in record:
+            _checkpoint(run_dir, model, opt, state, gen, batch_rng)
+    bar.close()
+    if state.best_step < 0 or state.history and "val" not in state.history[-1]:
+        record_val = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
+        if state.history:
+            state.history[-1]["val"] = record_val
+        if record_val < state.best_val:
+            state.best_val, state.best_step = record_val, state.step
+            save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
+    _checkpoint(run_dir, model, opt, state, gen, batch_rng)
+    return _write_summary(run_dir, state, model, mcfg)
+
+
+def _progress(tcfg: TrainConfig, step: int, elapsed: float) -> float:
+    frac = step / max(tcfg.steps, 1)
+    if tcfg.max_seconds > 0:
+        frac = max(frac, elapsed / tcfg.max_seconds)
+    return frac
+
+
+def _teacher_prob(tcfg: TrainConfig, frac: float) -> float:
+    f0 = tcfg.teacher_forced_fraction
+    u = 0.0 if f0 >= 1 else min(max((frac - f0) / (1 - f0), 0.0), 1.0)
+    return tcfg.teacher_prob_start + u * (tcfg.teacher_prob_end - tcfg.teacher_prob_start)
+
+
+def _checkpoint(run_dir, model, opt, state, gen, batch_rng) -> None:
+    save_atomic(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state.__dict__,
+         "gen": gen.get_state(), "batch_rng": batch_rng.get_state()},
+        run_dir / "last.pt",
+    )
+
+
+def _write_summary(run_dir: Path, state: TrainState, model: nn.Module, mcfg: ModelConfig, stopped: str = "") -> dict:
+    summary = {
+        "steps": state.step,
+        "train_seconds": state.elapsed,
+        "best_val": state.best_val,
+        "best_step": state.best_step,
+        "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "stopped": stopped,
+    }
+    (run_dir / "history.json").write_text(json.dumps(state.history))
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    _plot_loss(run_dir, state.history)
+    return summary
+
+
+def _plot_loss(run_dir: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    ax.semilogy(steps, [h["loss"] for h in history], lw=0.6, alpha=0.7, label="train loss")
+    vals = [(h["step"], h["val"]) for h in history if "val" in h]
+    if vals:
+        ax.semilogy(*zip(*vals, strict=True), "o-", ms=3, label="val forecast MSE (std. units)")
+    switch = next((h["step"] for h in history if h["phase"] == "auto"), None)
+    if switch:
+        ax.axvline(switch, color="k", ls=":", lw=0.8, label="autoregressive phase")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=120)
+    plt.close(fig)
