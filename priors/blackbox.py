@@ -1,0 +1,91 @@
+"""Black-box root: the paper's MLP on τ or [τ, y_prev] (vanilla WARP).
+
+    mean[, std] = MLP_θ(τ)          inputs = "tau"
+    mean[, std] = MLP_θ(τ, y_prev)  inputs = "tau_y"
+
+`depth` hidden layers of `width` units (the paper's MSD root: width 48, depth 3, so
+1 -> 48 -> 48 -> 48 -> 2 and Dθ = 4,898). With `predict_std` the last layer has 2S outputs,
+the std being max(softplus(·), 1e-4); `clip` bounds the mean to [-clip, clip] (the paper
+uses 38 on MSD). Weights are flat in torch.nn.Linear layout (`warp_phys.root.FlatMLP`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from warp_phys.errors import UserError
+from warp_phys.root import AbstractRoot, FlatMLP, register_prior
+from warp_phys.system import System
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "softplus": F.softplus,
+}
+INPUTS = ("tau", "tau_y")
+STD_FLOOR = 1e-4  # lower bound of the predicted std, as in the paper's code
+
+
+@register_prior("blackbox")
+class BlackBoxRoot(AbstractRoot):
+    """MLP root network with per-sample flat weights."""
+
+    def __init__(
+        self,
+        *,
+        state_dim: int,
+        system: System | None = None,
+        width: int = 48,
+        depth: int = 3,
+        inputs: str = "tau",
+        activation: str = "silu",
+        predict_std: bool = False,
+        clip: float | None = None,
+    ) -> None:
+        super().__init__()
+        if inputs not in INPUTS:
+            raise UserError(
+                f"blackbox option inputs must be one of {', '.join(INPUTS)}; got {inputs!r}"
+            )
+        if activation not in ACTIVATIONS:
+            raise UserError(
+                f"blackbox option activation must be one of {', '.join(ACTIVATIONS)}; "
+                f"got {activation!r}"
+            )
+        if width < 1 or depth < 0:
+            raise UserError(
+                f"blackbox needs width >= 1 and depth >= 0; got width={width}, depth={depth}"
+            )
+        if clip is not None and clip <= 0:
+            raise UserError(f"blackbox option clip must be positive or None; got {clip}")
+        self.state_dim = state_dim
+        self.inputs = inputs
+        self.activation = ACTIVATIONS[activation]
+        self.predict_std = predict_std
+        self.clip = clip
+        n_in = 1 + (state_dim if inputs == "tau_y" else 0)
+        n_out = state_dim * (2 if predict_std else 1)
+        self.mlp = FlatMLP([n_in, *([width] * depth), n_out])
+        self.n_weights = self.mlp.n_weights
+
+    def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
+        return self.mlp.init(generator)
+
+    def forward(
+        self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float
+    ) -> tuple[Tensor, Tensor | None]:
+        x = tau.unsqueeze(-1).to(theta.dtype)  # (B, 1)
+        if self.inputs == "tau_y":
+            x = torch.cat((x, y_prev.to(theta.dtype)), -1)  # (B, 1 + S)
+        out = self.mlp(theta, x, self.activation)  # (B, S) or (B, 2S)
+        S = self.state_dim
+        mean = out[:, :S]
+        if self.clip is not None:
+            mean = mean.clamp(-self.clip, self.clip)
+        if not self.predict_std:
+            return mean, None
+        return mean, F.softplus(out[:, S:]).clamp_min(STD_FLOOR)

@@ -1,0 +1,266 @@
+"""Linear recurrence h_t = A h_{t-1} + u_t over a whole sequence, sequential or parallel.
+
+WARP's teacher-forced hidden states follow a linear time-invariant recurrence, so all of
+them can be computed without a Python step per time step. Shapes are batch first:
+``u (B, T, D)``, ``h0 (B, D)`` (the state before the first input, zero when None) and the
+result ``h (B, T, D)`` with ``h_t = A h_{t-1} + u_t``.
+
+A is a linear operator (a small named tuple of tensors):
+
+- `DenseOp(R)`: A = I + R. Only R is multiplied; the identity is added exactly, so a
+  reduced-precision product (TF32, bf16) keeps the small deviation of A from I.
+- `BlockDiagOp(a, b, c)`: P damped 2x2 rotations [[a, -b], [b, a]] acting on coordinate
+  pairs (0, 1), (2, 3), ... (a complex diagonal a + ib), then a real diagonal c on the
+  remaining coordinates. A plain diagonal transition is the case P = 0.
+
+Algorithms, exact to float tolerance and differentiable through one custom backward (the
+adjoint is the same recurrence run backwards with Aᵀ, and dL/dA is one batched product):
+
+- ``sequential``: T steps of ``(B, D)`` products.
+- ``chunked``: split time into C chunks of K. Pass 1 runs all chunks at once from zero
+  (K steps of ``(B*C, D)`` products) to get each chunk's final local state; pass 2 carries
+  the true state across chunk boundaries with A^K (C steps); pass 3 reruns all chunks at once
+  from their true starting states. About 2x the loop's flops in K + C + K steps, each a
+  wider product, plus log2(K) squarings of A.
+- ``doubling``: Hillis-Steele scan with shared powers A^(2^l) (log2 T levels, each over the
+  whole sequence): the fewest steps, log2(T) times the loop's flops.
+
+`scan(...)` picks one (`method="auto"`, see `choose_method`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+METHODS = ("auto", "sequential", "chunked", "doubling")
+
+
+class DenseOp(NamedTuple):
+    """A = I + R, R ``(D, D)``."""
+
+    R: Tensor
+
+    def apply(self, h: Tensor) -> Tensor:
+        """Return A h for h ``(..., D)``: h + h Rᵀ with the identity part exact."""
+        flat = h.reshape(-1, h.shape[-1])  # (N, D)
+        return torch.addmm(flat, flat, self.R.mT).view(h.shape)
+
+    def transpose(self) -> DenseOp:
+        return DenseOp(self.R.mT)
+
+    def compose(self, other: DenseOp) -> DenseOp:
+        """Return self∘other = (I + R)(I + S) = I + R + S + RS, in residual form."""
+        return DenseOp(torch.addmm(self.R + other.R, self.R, other.R))
+
+    def param_grads(self, g: Tensor, h_prev: Tensor) -> tuple[Tensor]:
+        """dL/dR = Σ_{b,t} g_{bt} h_prev_{bt}ᵀ, one product."""
+        D = g.shape[-1]
+        return (g.reshape(-1, D).mT @ h_prev.reshape(-1, D),)  # (D, D)
+
+
+class BlockDiagOp(NamedTuple):
+    """P rotations (a, b) ``(P,)`` on the first 2P coordinates, then diagonal c ``(Q,)``."""
+
+    a: Tensor
+    b: Tensor
+    c: Tensor
+
+    def apply(self, h: Tensor) -> Tensor:
+        """Return A h for h ``(..., 2P + Q)``."""
+        P = self.a.shape[0]
+        if P == 0:
+            return h * self.c
+        pairs = h[..., : 2 * P].unflatten(-1, (P, 2))  # (..., P, 2)
+        x, y = pairs.unbind(-1)
+        rot = torch.stack((self.a * x - self.b * y, self.b * x + self.a * y), -1).flatten(-2)
+        if self.c.shape[0] == 0:
+            return rot
+        return torch.cat((rot, h[..., 2 * P :] * self.c), -1)
+
+    def transpose(self) -> BlockDiagOp:
+        return BlockDiagOp(self.a, -self.b, self.c)
+
+    def compose(self, other: BlockDiagOp) -> BlockDiagOp:
+        """Complex product of the rotations, elementwise product of the diagonals."""
+        a = self.a * other.a - self.b * other.b
+        b = self.a * other.b + self.b * other.a
+        return BlockDiagOp(a, b, self.c * other.c)
+
+    def param_grads(self, g: Tensor, h_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Sum over batch and time of the elementwise products that make A h."""
+        P = self.a.shape[0]
+        D = g.shape[-1]
+        g2, h2 = g.reshape(-1, D), h_prev.reshape(-1, D)  # (N, D)
+        gx, gy = g2[:, 0 : 2 * P : 2], g2[:, 1 : 2 * P : 2]  # (N, P)
+        x, y = h2[:, 0 : 2 * P : 2], h2[:, 1 : 2 * P : 2]  # (N, P)
+        da = (gx * x + gy * y).sum(0)
+        db = (gy * x - gx * y).sum(0)
+        dc = (g2[:, 2 * P :] * h2[:, 2 * P :]).sum(0)
+        return da, db, dc
+
+
+LinearOp = DenseOp | BlockDiagOp
+
+
+def power(op: LinearOp, k: int) -> LinearOp:
+    """Return A^k (k >= 1) by binary exponentiation, staying in each op's own form."""
+    result, base = None, op
+    while True:
+        if k & 1:
+            result = base if result is None else result.compose(base)
+        k >>= 1
+        if not k:
+            return result
+        base = base.compose(base)
+
+
+def scan_reference(op: LinearOp, u: Tensor, h0: Tensor | None = None) -> Tensor:
+    """Plain loop differentiated by autograd step by step: the reference for tests."""
+    h = torch.zeros_like(u[:, 0]) if h0 is None else h0
+    out = []
+    for t in range(u.shape[1]):
+        h = op.apply(h) + u[:, t]
+        out.append(h)
+    return torch.stack(out, 1)  # (B, T, D)
+
+
+def _sequential(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
+    out = torch.empty_like(u)
+    h = h0
+    for t in range(u.shape[1]):
+        h = u[:, t] if h is None else op.apply(h) + u[:, t]
+        out[:, t] = h
+    return out
+
+
+def _chunked(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
+    B, T, D = u.shape
+    K = max(1, min(chunk, T))
+    C = -(-T // K)
+    if C * K != T:  # zero inputs after the end change nothing before it
+        u = torch.cat((u, u.new_zeros(B, C * K - T, D)), 1)
+    uc = u.view(B, C, K, D)  # (B, C, K, D)
+    # pass 1: each chunk's final state from a zero start (the last chunk's is never needed)
+    s = uc[:, :-1, 0]
+    for j in range(1, K):
+        s = op.apply(s) + uc[:, :-1, j]  # (B, C-1, D)
+    # pass 2: true state before each chunk
+    starts = u.new_empty(B, C, D)
+    h = torch.zeros_like(u[:, 0]) if h0 is None else h0
+    starts[:, 0] = h
+    if C > 1:
+        AK = power(op, K)
+        for c in range(1, C):
+            h = AK.apply(h) + s[:, c - 1]
+            starts[:, c] = h
+    # pass 3: rerun every chunk from its true start
+    out = torch.empty_like(uc)
+    h = starts
+    for j in range(K):
+        h = op.apply(h) + uc[:, :, j]  # (B, C, D)
+        out[:, :, j] = h
+    return out.view(B, C * K, D)[:, :T]
+
+
+def _doubling(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
+    T = u.shape[1]
+    h = u.clone()
+    if h0 is not None:
+        h[:, 0] += op.apply(h0)
+    shift, Ap = 1, op
+    while shift < T:
+        # h_t <- h_t + A^shift h_{t-shift}: after this level h_t sums 2*shift inputs
+        h = torch.cat((h[:, :shift], h[:, shift:] + Ap.apply(h[:, :-shift])), 1)
+        shift *= 2
+        if shift < T:
+            Ap = Ap.compose(Ap)
+    return h
+
+
+_ALGOS = {"sequential": _sequential, "chunked": _chunked, "doubling": _doubling}
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, algo, chunk, op_type, u, h0, *tensors):
+        op = op_type(*tensors)
+        h = _ALGOS[algo](op, u, h0, chunk)
+        ctx.algo, ctx.chunk, ctx.op_type, ctx.has_h0 = algo, chunk, op_type, h0 is not None
+        ctx.save_for_backward(h, *(() if h0 is None else (h0,)), *tensors)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh):
+        h, *rest = ctx.saved_tensors
+        h0 = rest.pop(0) if ctx.has_h0 else None
+        op = ctx.op_type(*rest)
+        opT = op.transpose()
+        # adjoint: g_t = dL/dh_t + Aᵀ g_{t+1}, the same recurrence backwards in time
+        g = _ALGOS[ctx.algo](opT, gh.flip(1), None, ctx.chunk).flip(1)  # (B, T, D)
+        first = torch.zeros_like(h[:, :1]) if h0 is None else h0.unsqueeze(1)
+        h_prev = torch.cat((first, h[:, :-1]), 1)  # (B, T, D)
+        grads = op.param_grads(g, h_prev) if any(ctx.needs_input_grad[5:]) else (None,) * len(rest)
+        g_h0 = opT.apply(g[:, 0]) if ctx.needs_input_grad[4] else None
+        return None, None, None, g, g_h0, *grads
+
+
+def default_chunk(T: int) -> int:
+    """Chunk length that minimises the step count 2K + T/K of the chunked scan."""
+    return max(1, round(math.sqrt(T / 2)))
+
+
+def choose_method(op: LinearOp, B: int, T: int, D: int, device: torch.device) -> str:
+    """Pick the fastest exact algorithm for this shape and device.
+
+    CPU (2 cores, benchmarks/results/scan_cpu.md): a dense product with few rows per step
+    is memory-bound, so the chunked scan's wider products win while the batch is small
+    relative to D; with many rows the loop is already compute-bound and its half-the-flops
+    wins. The elementwise (block-diagonal) loop is cheap per step and wins when the rows are
+    wide. CUDA: the loop is launch-bound; these thresholds are provisional until the GPU
+    benchmark measures them.
+    """
+    if T < 16:
+        return "sequential"
+    if device.type == "cuda":
+        return "chunked" if B * T >= 4 * D or isinstance(op, BlockDiagOp) else "sequential"
+    if isinstance(op, DenseOp):
+        return "chunked" if B <= 16 and T >= 64 and D <= 2048 else "sequential"
+    return "chunked" if B * D <= 4096 else "sequential"
+
+
+def scan(
+    op: LinearOp,
+    u: Tensor,
+    h0: Tensor | None = None,
+    *,
+    method: str = "auto",
+    chunk: int | None = None,
+) -> Tensor:
+    """Return h ``(B, T, D)`` with h_t = A h_{t-1} + u_t and h_{-1} = h0 (zero when None).
+
+    Args:
+        op: the transition A (`DenseOp` or `BlockDiagOp`).
+        u: inputs ``(B, T, D)``.
+        h0: state before the first step ``(B, D)``, or None for zero.
+        method: "auto" | "sequential" | "chunked" | "doubling".
+        chunk: chunk length for "chunked" (default about sqrt(T/2)).
+    """
+    if method not in METHODS:
+        raise ValueError(f"scan method must be one of {', '.join(METHODS)}; got {method!r}")
+    if u.dim() != 3 or (h0 is not None and h0.shape != (u.shape[0], u.shape[2])):
+        raise ValueError(
+            f"scan expects u (B, T, D) and h0 (B, D); got u {tuple(u.shape)}, "
+            f"h0 {None if h0 is None else tuple(h0.shape)}"
+        )
+    B, T, D = u.shape
+    if T == 0:
+        return u.clone()
+    if method == "auto":
+        method = choose_method(op, B, T, D, u.device)
+    K = chunk or default_chunk(T)
+    return _LinearScan.apply(method, K, type(op), u, h0, *op)
