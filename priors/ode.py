@@ -1,0 +1,421 @@
+"""ODE-structured root (physics-informed WARP): θ -> a registered system's parameters -> RK4.
+
+θ holds the flat weights of a small MLP whose outputs are the unknown physical parameters of
+a registered system, soft-bounded around prior values taken from the declared ranges:
+
+    positive p:  p = c · exp(s · tanh(r)),    c = geometric mean of the train range
+    signed p:    p = c + w · s · tanh(r),     c = midpoint, w = half-width of the range
+
+(r the raw network output, s = `spread`). The next state is the system's own vector field
+integrated from y_prev over Δt by fixed-step RK4 with substeps:
+
+    ŷ_{t+1} = RK4_{Δt}( y ↦ f(t, y, p(θ_t)) ; y_t )
+
+Stability (the paper's explicit-Euler draft produced NaNs, with unbounded ReLU parameters):
+the parameters cannot leave their soft bounds, and with ``substeps="auto"`` the RK4 step
+h = Δt / substeps keeps h·ρ <= 1, where ρ is the largest |eigenvalue| of ∂f/∂y over the
+corners of the bounded parameter box and states along reference trajectories (the system's
+default parameters from its initial-state distribution). RK4's stability region reaches
+|hλ| ≈ 2.8 on both the imaginary and the negative real axis, so this is a margin of ~2.8 at
+the worst reachable parameters (far more at the usual ones). Example, msd with m, k, c
+learned and spread 2: k/m <= 283·e^4, ρ ≈ 124 /s, Δt = 1/255 s: one substep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from warp_phys.errors import UserError
+from warp_phys.integrate import INTEGRATORS
+from warp_phys.root import AbstractRoot, FlatMLP, register_prior
+from warp_phys.simulate import simulate
+from warp_phys.system import Box, System, get_system, system_names
+
+INPUTS = ("const", "tau", "tau_y")  # what the parameter network sees
+STEP_RATE = 1.0  # auto substeps keep h·ρ(∂f/∂y) <= this (RK4 is stable up to ~2.8)
+DEFAULT_SPREAD = 2.0  # soft-bound half-width: a factor e^2 ≈ 7.4 either side for positive
+MAX_CORNERS = 8  # up to 2^8 corners of the parameter box; beyond, 256 random points
+
+
+# -- system and reference states ---------------------------------------------------------
+def resolve_system(
+    prior: str, *, state_dim: int, system: System | None, system_name: str | None
+) -> System:
+    """Return the prior's system: `system_name` when given (it wins), else `system`."""
+    if system_name is not None:
+        system = get_system(system_name)  # UserError listing the registered names
+    if system is None:
+        raise UserError(
+            f"prior {prior!r} needs a system: pass system_name= (registered systems: "
+            f"{', '.join(system_names())})"
+        )
+    if system.state_dim != state_dim:
+        raise UserError(
+            f"prior {prior!r} for system {system.name!r} has {system.state_dim} states "
+            f"({', '.join(system.state)}) but the dataset has {state_dim}; use the system the "
+            f"dataset was generated with (store attribute 'system') or one with {state_dim} states"
+        )
+    return system
+
+
+def time_map(system: System) -> tuple[float, float]:
+    """Return (t_start, t_length): physical time t = t_start + τ · t_length."""
+    return float(system.t_span[0]), float(system.t_span[1] - system.t_span[0])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """States along a few trajectories at default parameters: the prior's notion of scale."""
+
+    t: Tensor  # (N,) float64
+    y: Tensor  # (N, S) float64
+    scale: Tensor  # (S,) max |y| per state (1 where the state stays at 0)
+    rate: float  # max_j |f_j| / scale_j over the states: a characteristic 1/time
+
+
+_REFERENCES: dict[tuple, Reference] = {}
+
+
+def reference(system: System) -> Reference:
+    """Simulate default-parameter trajectories (y0 low/centre/high), 65 points; cached."""
+    key = (type(system), tuple(system.params.items()), system.t_span)
+    if key not in _REFERENCES:
+        ic = system.y0
+        corners = [ic.low, ic.values, ic.high] if isinstance(ic, Box) else [ic.values]
+        y0 = np.asarray(corners, dtype=np.float64)  # (n, S)
+        params = np.broadcast_to(system.default_params().numpy(), (len(y0), len(system.params)))
+        y0 = torch.as_tensor(system.initial_state(y0, params))
+        ts = torch.linspace(*system.t_span, 65, dtype=torch.float64)
+        ys = simulate(system, y0, torch.as_tensor(params.copy()), ts, rtol=1e-4, atol=1e-6)
+        n = ys.shape[0]
+        t = ts.repeat(n)  # (N,)
+        y = ys.reshape(-1, system.state_dim)  # (N, S)
+        p = system.default_params().expand(len(t), -1)  # (N, P)
+        scale = y.abs().amax(0)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        rate = float((system.f(t, y, p).abs() / scale).amax()) or 1.0 / float(ts[-1] - ts[0])
+        _REFERENCES[key] = Reference(t=t, y=y, scale=scale, rate=rate)
+    return _REFERENCES[key]
+
+
+def spectral_radius(system: System, ref: Reference, params: Tensor) -> float:
+    """Return max |eig ∂f/∂y| over reference states × parameter vectors ``params (C, P)``."""
+    C, N = params.shape[0], ref.t.shape[0]
+    t = ref.t.repeat(C)  # (C·N,)
+    y = ref.y.repeat(C, 1)  # (C·N, S)
+    p = params.repeat_interleave(N, dim=0)  # (C·N, P)
+    jac = _jacobian(system, t, y, p)  # (C·N, S, S)
+    if not torch.isfinite(jac).all():
+        raise UserError(
+            f"the Jacobian of system {system.name!r} is not finite at the prior's parameter "
+            f"bounds; narrow `spread` or fix the parameter that reaches a singular value"
+        )
+    return float(torch.linalg.eigvals(jac).abs().amax())
+
+
+def _jacobian(system: System, t: Tensor, y: Tensor, params: Tensor) -> Tensor:
+    """Return ∂f/∂y ``(N, S, S)`` by autograd; zeros where f does not depend on y.
+
+    (`System.jacobian` of the base class fails on a field independent of y, e.g. `sine`.)
+    """
+    y = y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        f = system.f(t, y, params)  # (N, S)
+        if not f.requires_grad:
+            return y.new_zeros(*y.shape, y.shape[-1])
+        rows = [
+            torch.autograd.grad(f[:, i].sum(), y, retain_graph=True, materialize_grads=True)[0]
+            for i in range(f.shape[-1])
+        ]
+    return torch.stack(rows, dim=-2).detach()  # (N, S, S)
+
+
+def state_scale_of(system: System, state_scale) -> Tensor:
+    """Resolve the `state_scale` option: "auto" (reference max |y|), None (ones) or numbers."""
+    if isinstance(state_scale, str) and state_scale == "auto":
+        return reference(system).scale.clone()
+    if state_scale is None:
+        return torch.ones(system.state_dim, dtype=torch.float64)
+    scale = torch.as_tensor(state_scale, dtype=torch.float64).reshape(-1)
+    if scale.numel() != system.state_dim or not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise UserError(
+            f"state_scale must be 'auto', None or {system.state_dim} positive numbers (one per "
+            f"state {', '.join(system.state)}); got {state_scale!r}"
+        )
+    return scale
+
+
+# -- the parameter network --------------------------------------------------------------
+def select_params(
+    system: System,
+    prior: str,
+    learn: Sequence[str] | None,
+    fixed: Mapping[str, float] | None,
+    drop: Sequence[str],
+) -> tuple[tuple[str, ...], dict[str, float]]:
+    """Validate the learn/fixed/drop options; return the learned names and the held values.
+
+    Default `learn`: every parameter with a train range that is neither fixed nor dropped.
+    Held values: `fixed` entries, 0 for dropped parameters, else the system's default.
+    """
+    names, fixed, drop = system.param_names, dict(fixed or {}), list(drop)
+    for what, given in (("learn", learn or ()), ("fixed", fixed), ("drop", drop)):
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise UserError(
+                f"prior {prior!r}: {what} names unknown parameters {unknown} of system "
+                f"{system.name!r}; its parameters are {', '.join(names)}"
+            )
+    if learn is None:
+        ranged = [n for n in names if system.params[n].train is not None]
+        learn = [n for n in ranged if n not in fixed and n not in drop]
+    groups = {"learn": set(learn), "fixed": set(fixed), "drop": set(drop)}
+    for a, b in (("learn", "fixed"), ("learn", "drop"), ("fixed", "drop")):
+        both = sorted(groups[a] & groups[b])
+        if both:
+            raise UserError(f"prior {prior!r}: parameters {both} are in both {a} and {b}; pick one")
+    held = {
+        n: 0.0 if n in drop else float(fixed.get(n, system.params[n].default))
+        for n in names
+        if n not in learn
+    }
+    return tuple(learn), held
+
+
+def soft_bound(system: System, prior: str, name: str, spread) -> tuple[float, float]:
+    """Return (centre, radius) of ``u = centre + radius·tanh(raw)`` for parameter `name`.
+
+    Positive parameters live in log space: centre = log of the geometric mean of the train
+    range, radius = spread. Signed ones: centre = midpoint, radius = spread · half-width.
+    Without a train range the centre is the default (half-width |default|, or 1).
+    """
+    s = spread.get(name, DEFAULT_SPREAD) if isinstance(spread, Mapping) else spread
+    if not (isinstance(s, int | float) and math.isfinite(s) and s > 0):
+        raise UserError(f"prior {prior!r}: spread of {name!r} must be a positive number; got {s!r}")
+    p = system.params[name]
+    lo, hi = p.train if p.train is not None else (p.default, p.default)
+    if p.is_positive:
+        return 0.5 * (math.log(lo) + math.log(hi)), float(s)
+    return 0.5 * (lo + hi), float(s) * (0.5 * (hi - lo) or abs(p.default) or 1.0)
+
+
+class BoundedParams(nn.Module):
+    """θ -> the full parameter vector ``(B, P)`` of a system; learned entries soft-bounded.
+
+    Learned parameters come from an MLP (flat weights θ, input set by `inputs`); the others
+    are held (see `select_params`).
+    """
+
+    def __init__(
+        self,
+        system: System,
+        *,
+        prior: str,
+        learn: Sequence[str] | None,
+        fixed: Mapping[str, float] | None,
+        drop: Sequence[str] = (),
+        inputs: str,
+        width: int,
+        depth: int,
+        spread: float | Mapping[str, float],
+        state_scale: Tensor,
+    ) -> None:
+        super().__init__()
+        if inputs not in INPUTS:
+            raise UserError(
+                f"prior {prior!r}: inputs must be one of {', '.join(INPUTS)}; got {inputs!r}"
+            )
+        if not (isinstance(width, int) and width >= 1 and isinstance(depth, int) and depth >= 0):
+            raise UserError(
+                f"prior {prior!r}: width must be >= 1 and depth >= 0; got {width}, {depth}"
+            )
+        self.system, self.inputs = system, inputs
+        self.learn, held = select_params(system, prior, learn, fixed, drop)
+        bounds = [soft_bound(system, prior, n, spread) for n in self.learn]
+        positive = [system.params[n].is_positive for n in self.learn]
+        slots = list(self.learn) + list(held)  # learned first, then held, -> system order:
+        order = [slots.index(n) for n in system.param_names]
+        L = len(self.learn)
+        self.register_buffer("centre", torch.tensor([c for c, _ in bounds]).reshape(L), False)
+        self.register_buffer("radius", torch.tensor([r for _, r in bounds]).reshape(L), False)
+        self.register_buffer("positive", torch.tensor(positive, dtype=torch.bool).reshape(L), False)
+        self.register_buffer("held", torch.tensor(list(held.values())).reshape(-1), False)
+        self.register_buffer("order", torch.tensor(order, dtype=torch.long), False)
+        self.register_buffer("scale", state_scale.float(), False)  # (S,)
+        n_in = {"const": 1, "tau": 1, "tau_y": 1 + system.state_dim}[inputs]
+        self.mlp = FlatMLP([n_in, *[width] * depth, L]) if L else None
+        self.n_weights = self.mlp.n_weights if self.mlp else 0
+        self.n_last = L * ((width if depth else n_in) + 1)  # weights + biases of the last layer
+
+    def init(self, generator: torch.Generator | None = None) -> Tensor:
+        """Return weights ``(n_weights,)`` for which every learned parameter is at its centre."""
+        if self.mlp is None:
+            return torch.zeros(0)
+        theta = self.mlp.init(generator)
+        theta[theta.numel() - self.n_last :] = 0.0  # last layer zero: raw output 0
+        return theta
+
+    def _bound(self, raw: Tensor) -> Tensor:
+        u = self.centre.to(raw) + self.radius.to(raw) * torch.tanh(raw)  # (B, L)
+        # exp only where positive, so that a large signed u never yields inf (and NaN grads)
+        return torch.where(self.positive, torch.exp(torch.where(self.positive, u, 0.0)), u)
+
+    def bounds(self) -> tuple[Tensor, Tensor]:
+        """Return the (low, high) values the learned parameters approach, each ``(L,)``."""
+        ones = torch.ones(len(self.learn), dtype=torch.float64)
+        return self._bound(-1e3 * ones), self._bound(1e3 * ones)
+
+    def centre_values(self) -> Tensor:
+        """Return the full parameter vector ``(1, P)`` float64 with learned ones at centre."""
+        return self.full(self._bound(torch.zeros(1, len(self.learn), dtype=torch.float64)))
+
+    def full(self, learned: Tensor) -> Tensor:
+        """Assemble ``learned (B, L)`` with the held values into ``(B, P)`` in system order."""
+        held = self.held.to(learned).expand(learned.shape[0], -1)  # (B, P - L)
+        return torch.cat((learned, held), -1)[:, self.order]  # (B, P)
+
+    def forward(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> Tensor:
+        """Return the parameters ``(B, P)`` that θ ``(B, n_weights)`` encodes."""
+        B = theta.shape[0]
+        if self.mlp is None:
+            return self.full(theta.new_zeros(B, 0))
+        if self.inputs == "const":
+            x = theta.new_ones(B, 1)  # (B, 1)
+        elif self.inputs == "tau":
+            x = tau.to(theta).reshape(B, 1)  # (B, 1)
+        else:
+            y = y_prev.to(theta) / self.scale.to(theta)  # (B, S) in O(1) units
+            x = torch.cat((tau.to(theta).reshape(B, 1), y), -1)  # (B, 1 + S)
+        return self.full(self._bound(self.mlp(theta, x)))
+
+    def weights_for(self, values: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Return θ ``(B, n_weights)`` whose network outputs ``values (B, P)`` (learned entries).
+
+        The last layer's weights are zero and its bias holds the inverse soft bound, so this
+        is exact for every `inputs`; values outside the bounds are clipped to just inside.
+        """
+        theta = self.init(generator).to(values).expand(values.shape[0], -1).clone()  # (B, D)
+        if self.mlp is None:
+            return theta
+        idx = [self.system.param_names.index(n) for n in self.learn]
+        v = values[:, idx]  # (B, L)
+        u = torch.where(self.positive, torch.log(v.abs().clamp_min(1e-300)), v)
+        z = ((u - self.centre.to(v)) / self.radius.to(v)).clamp(-1 + 1e-6, 1 - 1e-6)
+        theta[:, theta.shape[1] - len(self.learn) :] = torch.atanh(z)
+        return theta
+
+
+def box_points(params: BoundedParams, generator_seed: int = 0) -> Tensor:
+    """Return parameter vectors ``(C, P)`` at the corners of the bounded box and its centre."""
+    lo, hi = params.bounds()  # (L,), (L,)
+    L = lo.numel()
+    if L <= MAX_CORNERS:
+        pick = torch.tensor(list(itertools.product((0.0, 1.0), repeat=L)), dtype=torch.float64)
+    else:
+        gen = torch.Generator().manual_seed(generator_seed)
+        pick = torch.rand(256, L, generator=gen, dtype=torch.float64)
+    corners = params.full(lo + (hi - lo) * pick.reshape(-1, L))  # (C, P)
+    return torch.cat((corners, params.centre_values()))  # (C + 1, P)
+
+
+# -- the root --------------------------------------------------------------------------
+class Stepper:
+    """Fixed-step integration of ``f(t, y)`` over Δt with a substep count fixed or from ρ."""
+
+    def __init__(self, *, prior: str, integrator: str, substeps: int | str, rho: float | None):
+        if integrator not in INTEGRATORS:
+            raise UserError(
+                f"prior {prior!r}: integrator must be one of {', '.join(INTEGRATORS)}; "
+                f"got {integrator!r}"
+            )
+        if not (substeps == "auto" or (isinstance(substeps, int) and substeps >= 1)):
+            raise UserError(
+                f"prior {prior!r}: substeps must be 'auto' or an integer >= 1; got {substeps!r}"
+            )
+        self.method, self.substeps, self.rho = INTEGRATORS[integrator], substeps, rho
+
+    def substeps_for(self, dt: float) -> int:
+        """Return the substep count used for a step of `dt`."""
+        if self.substeps != "auto":
+            return int(self.substeps)
+        return max(1, math.ceil(abs(dt) * self.rho / STEP_RATE - 1e-9))
+
+    def __call__(self, f, y: Tensor, dt: float, t0: Tensor) -> Tensor:
+        return self.method(f, y, dt, self.substeps_for(dt), t0=t0)
+
+
+def check_field(system: System, prior: str, params: BoundedParams, what: str) -> None:
+    """Raise if the (possibly reduced) vector field is not finite at reference states."""
+    ref = reference(system)
+    p = params.centre_values().expand(len(ref.t), -1)  # (N, P)
+    if not torch.isfinite(system.f(ref.t, ref.y, p)).all():
+        raise UserError(
+            f"prior {prior!r}: the vector field of {system.name!r} is not finite with {what} "
+            f"(division by a zero parameter?); hold such a parameter with fixed={{name: value}}"
+        )
+
+
+@register_prior("ode")
+class ODERoot(AbstractRoot):
+    """Root network = a registered system's ODE with parameters read from θ (WARP-Phys)."""
+
+    def __init__(
+        self,
+        *,
+        state_dim: int,
+        system: System | None = None,
+        system_name: str | None = None,  # a registered system; wins over `system` when given
+        learn: Sequence[str] | None = None,  # default: every parameter with a train range
+        fixed: Mapping[str, float] | None = None,  # held values; default: system defaults
+        inputs: str = "const",  # parameter-network input: "const", "tau" or "tau_y"
+        width: int = 32,  # parameter-network hidden width
+        depth: int = 1,  # parameter-network hidden layers (0: affine)
+        substeps: int | str = "auto",  # RK4 substeps per Δt; "auto": h·ρ(∂f/∂y) <= 1
+        spread: float | Mapping[str, float] = DEFAULT_SPREAD,  # bound radius, log units if > 0
+        state_scale: str | Sequence[float] | None = "auto",  # y units seen by the network
+        integrator: str = "rk4",  # "rk4" or "euler" (ablation)
+    ) -> None:
+        super().__init__()
+        self.system = resolve_system(
+            "ode", state_dim=state_dim, system=system, system_name=system_name
+        )
+        scale = state_scale_of(self.system, state_scale)
+        self.params = BoundedParams(
+            self.system, prior="ode", learn=learn, fixed=fixed, inputs=inputs, width=width,
+            depth=depth, spread=spread, state_scale=scale,
+        )  # fmt: skip
+        if not self.params.learn:
+            raise UserError(
+                f"prior 'ode' for {self.system.name!r} has nothing to learn (learn is empty); "
+                f"name parameters in learn= or use a system with sampled parameters"
+            )
+        check_field(self.system, "ode", self.params, "these parameter values")
+        rho = None
+        if substeps == "auto":
+            rho = spectral_radius(self.system, reference(self.system), box_points(self.params))
+        self.stepper = Stepper(prior="ode", integrator=integrator, substeps=substeps, rho=rho)
+        self.t_start, self.t_length = time_map(self.system)
+        self.n_weights = self.params.n_weights
+
+    def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
+        return self.params.init(generator)
+
+    def weights_for(self, values: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Return θ ``(B, n_weights)`` that encodes the parameters ``values (B, P)``."""
+        return self.params.weights_for(values, generator)
+
+    def forward(self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float) -> tuple[Tensor, None]:
+        p = self.params(theta, tau, y_prev)  # (B, P)
+        t0 = self.t_start + tau.to(y_prev) * self.t_length - dt  # (B,) physical time of y_prev
+        return self.stepper(lambda t, y: self.system.f(t, y, p), y_prev, dt, t0), None
+
+    def physical_params(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> dict[str, Tensor]:
+        p = self.params(theta, tau, y_prev)  # (B, P)
+        return dict(zip(self.system.param_names, p.unbind(-1), strict=True))
