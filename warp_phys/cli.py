@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from warp_phys.errors import UserError
+
+_COUNTS = {
+    "train": 1024,
+    "val": 128,
+    "test": 128,
+    "test_ood": 128,
+}  # default trajectories per split
 
 
 def cmd_systems(args: argparse.Namespace) -> int:
@@ -22,28 +30,188 @@ def cmd_systems(args: argparse.Namespace) -> int:
             f"{n}={p.default:g}" + (f" [{p.train[0]:g}, {p.train[1]:g}]" if p.train else "")
             for n, p in system.params.items()
         )
-        print(f"{name}  (state: {', '.join(system.state)}; T={system.n_steps} on {list(system.t_span)})")
+        print(
+            f"{name}  (state: {', '.join(system.state)}; "
+            f"T={system.n_steps} on {list(system.t_span)})"
+        )
         for eq in system.equations:
             print(f"    {eq}")
         print(f"    params: {params}")
     return 0
 
 
+def parse_ranges(items: list[str] | None, flag: str) -> dict[str, tuple[float, float]]:
+    """Turn ``["k=4,16", ...]`` into ``{"k": (4.0, 16.0)}``."""
+    ranges: dict[str, tuple[float, float]] = {}
+    number = r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*"
+    for item in items or []:
+        match = re.fullmatch(rf"\s*(\w+)\s*={number},{number}", item)
+        if match is None:
+            raise UserError(f"{flag} expects NAME=LO,HI (e.g. {flag} k=4,16); got {item!r}")
+        name = match.group(1)
+        if name in ranges:
+            raise UserError(f"{flag} gives parameter {name!r} twice; give each parameter once")
+        ranges[name] = (float(match.group(2)), float(match.group(3)))
+    return ranges
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from warp_phys.store import generate_store, store_info
+    from warp_phys.system import get_system
+
+    system = get_system(
+        args.system,
+        train_ranges=parse_ranges(args.range, "--range"),
+        test_ranges=parse_ranges(args.ood_range, "--ood-range"),
+    )
+    counts = {split: getattr(args, f"n_{split}") for split in _COUNTS}
+    report = generate_store(
+        system,
+        args.out,
+        counts=counts,
+        seed=args.seed,
+        chunk=args.chunk,
+        rtol=args.rtol,
+        atol=args.atol,
+        progress=not args.quiet,
+    )
+    if report.already_complete:
+        print(f"{args.out} is already complete with these arguments; nothing to do")
+    elif report.skipped:
+        print(
+            f"resumed {args.out}: {report.skipped} chunks were already done, "
+            f"{report.written} written now"
+        )
+    print_summary(store_info(args.out))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from warp_phys.store import store_info
+
+    print_summary(store_info(args.path))
+    return 0
+
+
+def print_summary(info: dict) -> None:
+    """Print what a store holds and how to open it."""
+    t, integ = info["time"], info["integrator"]
+    print(
+        f"{info['path']}: system {info['system']!r} (zarr v3, warp-phys {info['version']}), "
+        f"seed {info['seed']}, "
+        f"{t['n']} steps on t in [{t['start']:g}, {t['stop']:g}], "
+        f"{integ.get('method', '?')} rtol={integ.get('rtol', '?')} atol={integ.get('atol', '?')}"
+    )
+    for eq in info["equations"]:
+        print(f"    {eq}")
+    print(f"  {'split':<9} {'y (trajectory, time, state)':<28} value range per state")
+    for split, s in info["splits"].items():
+        ranges = "  ".join(f"{n} [{lo:.4g}, {hi:.4g}]" for n, (lo, hi) in s["value_range"].items())
+        print(f"  {split:<9} {str(tuple(s['shape'])):<28} {ranges}")
+    first = next(iter(info["splits"]))
+    print(
+        f'open it: xarray.open_zarr("{info["path"]}", group="{first}")  '
+        f"(groups: {', '.join(info['splits'])}; variables y, params, y0)"
+    )
+
+
+def integer(text: str) -> int:
+    """argparse type: an integer (the library checks its sign and names the fix)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line naming the fix, like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="warp-phys", description=__doc__.splitlines()[0])
+    from warp_phys.simulate import DEFAULT_ATOL, DEFAULT_RTOL
+
+    parser = Parser(prog="warp-phys", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("systems", help="list the registered systems with their equations")
     p.set_defaults(func=cmd_systems)
+
+    p = sub.add_parser(
+        "generate",
+        help="simulate train/val/test/test_ood ensembles into a zarr store",
+        description="Simulate ensembles into one zarr store (groups train, val, test, "
+        "test_ood). Rerunning the same command resumes an interrupted run.",
+    )
+    p.add_argument("system", help="registered system name (see `warp-phys systems`)")
+    p.add_argument("--out", required=True, help="store directory to create or resume")
+    for split, n in _COUNTS.items():
+        p.add_argument(
+            f"--n-{split.replace('_', '-')}",
+            dest=f"n_{split}",
+            type=integer,
+            default=n,
+            metavar="N",
+            help=f"trajectories in {split} (default {n})",
+        )
+    p.add_argument("--seed", type=integer, default=0, help="dataset seed (default 0)")
+    p.add_argument(
+        "--chunk",
+        type=integer,
+        default=256,
+        metavar="N",
+        help="trajectories integrated and written at once; bounds memory (default 256)",
+    )
+    p.add_argument(
+        "--range",
+        action="append",
+        metavar="NAME=LO,HI",
+        help="training range of a parameter (train/val/test); repeatable",
+    )
+    p.add_argument(
+        "--ood-range",
+        action="append",
+        metavar="NAME=LO,HI",
+        help="range of a parameter for test_ood; repeatable",
+    )
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=DEFAULT_RTOL,
+        help=f"relative tolerance (default {DEFAULT_RTOL:g})",
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help=f"absolute tolerance (default {DEFAULT_ATOL:g})",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="summarise a store made by `generate`")
+    p.add_argument("path", help="store directory")
+    p.set_defaults(func=cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb and return the exit code (argparse's own exits, e.g. --help, included)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 2
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"warp-phys: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("warp-phys: interrupted (rerun the same generate command to resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,500 @@
+"""Zarr stores of simulated trajectories: chunked, resumable, self-describing; xarray/torch views.
+
+One store (zarr format 3) per dataset, one group per split:
+
+    PATH/                            attrs: warp_phys (format, version, arguments), complete
+      train/ val/ test/ test_ood/    each opens with ``xarray.open_zarr(PATH, group=split)``
+        y (trajectory, time, state)  float64, chunked along trajectory by `chunk`
+        params (trajectory, parameter), y0 (trajectory, state)
+        coordinates trajectory, time, state (names), parameter (names); attrs describe the
+        system, ranges, initial states, integrator, seed and the range of values per state
+      _progress/<split>/             done (chunk) marks and per-chunk y_min, y_max (chunk, state)
+
+Reproducibility: every parameter vector and initial state of a split is drawn up front from
+``SeedSequence([seed, split index])`` and stored before any trajectory is integrated; since
+`simulate` gives a trajectory the same values whatever shares its batch, the bytes depend on
+neither `chunk` nor interruptions. Resumability: the skeleton appears at PATH in one rename,
+a chunk's `done` mark is written after its data (zarr's local store writes each file
+atomically), and the root attribute `complete` is set last, after the metadata is consolidated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+import zarr
+from tqdm.auto import tqdm
+
+from warp_phys import simulate as simulate_module
+from warp_phys.errors import StoreError, UserError
+from warp_phys.simulate import DEFAULT_ATOL, DEFAULT_METHOD, DEFAULT_RTOL, simulate
+from warp_phys.system import SPLITS, System
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # layout version, bumped when the layout above changes
+_PROGRESS = "_progress"
+_MARKS_PER_FILE = 1024  # chunk marks per zarr chunk of the _progress arrays
+_SMALL_CHUNK = 65536  # trajectories per zarr chunk of params and y0 (tiny arrays)
+
+
+@dataclass(frozen=True)
+class GenerateReport:
+    """What `generate_store` did: chunks written now, chunks found done, whether it was a no-op."""
+
+    path: Path
+    written: int
+    skipped: int
+    already_complete: bool
+
+
+# -- writing ----------------------------------------------------------------------------------
+def generate_store(
+    system: System,
+    path: str | os.PathLike,
+    *,
+    counts: dict[str, int],
+    seed: int = 0,
+    chunk: int = 256,
+    method: str = DEFAULT_METHOD,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    progress: bool = True,
+) -> GenerateReport:
+    """Simulate the splits of `counts` into a zarr store at `path`, resuming an interrupted run.
+
+    Args:
+        system: the system to integrate (its ranges, initial states and time grid).
+        path: store directory; created, resumed (same arguments), or left alone when complete.
+        counts: trajectories per split, e.g. ``{"train": 1024, "val": 128, ...}``.
+        seed: dataset seed; split ``i`` samples from ``SeedSequence([seed, i])``.
+        chunk: trajectories integrated and written at once; memory is bounded by it.
+        method, rtol, atol: integrator and tolerances passed to `simulate`.
+        progress: show a tqdm bar on stderr over the chunks of all splits.
+
+    Raises:
+        UserError: bad counts/chunk/seed/tolerances, or a vector field of the wrong shape.
+        StoreError: `path` holds something else, or a store made with other arguments.
+        DivergenceError: a trajectory is not finite; the store stays incomplete.
+    """
+    path = Path(path)
+    _check_arguments(counts, seed, chunk)
+    _integrator_attrs(method, rtol, atol)  # validates the method and tolerances
+    arguments = _arguments(system, counts, seed, chunk, method, rtol, atol)
+    ts = system.times()  # (T,) float64
+    samples = {split: _sample(system, seed, split, n) for split, n in counts.items()}
+    _probe(system, samples[next(iter(samples))], ts, method=method, rtol=rtol, atol=atol)
+
+    state, total = _existing_state(path, arguments), _n_chunks(counts, chunk)
+    if state == "complete":
+        return GenerateReport(path, written=0, skipped=total, already_complete=True)
+    if state == "new":
+        _create(path, system, arguments, samples)
+    root = zarr.open_group(path, mode="r+")
+
+    todo = {split: np.flatnonzero(root[_PROGRESS][split]["done"][:] == 0) for split in counts}
+    left = sum(len(k) for k in todo.values())
+    opts = dict(total=total, initial=total - left, unit="chunk", desc=f"generate {system.name}")
+    with tqdm(**opts, file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        for split, chunks in todo.items():
+            bar.set_postfix_str(split)
+            for k in chunks:
+                _write_chunk(root, system, split, int(k), chunk, ts, method, rtol, atol, path)
+                bar.update()
+    _finalize(path)
+    return GenerateReport(path, written=left, skipped=total - left, already_complete=False)
+
+
+def _check_arguments(counts: dict[str, int], seed: int, chunk: int) -> None:
+    if not isinstance(counts, dict) or not counts:
+        raise UserError(
+            f"counts must map split names {list(SPLITS)} to trajectory counts; got {counts!r}"
+        )
+    for split, n in counts.items():
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r} in counts; splits are {', '.join(SPLITS)}")
+        if not _is_int(n) or n < 1:
+            flag = "--n-" + split.replace("_", "-")
+            raise UserError(
+                f"count of split {split!r} must be a positive integer; got {n!r} "
+                f"(set {flag} to at least 1)"
+            )
+    if not _is_int(chunk) or chunk < 1:
+        raise UserError(
+            f"chunk must be a positive number of trajectories; got {chunk!r} (e.g. --chunk 256)"
+        )
+    if not _is_int(seed) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer; got {seed!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _arguments(system: System, counts, seed, chunk, method, rtol, atol) -> dict:
+    """Everything that fixes the bytes of a store, as JSON (compared on resume)."""
+    args = {
+        "system": system.name,
+        "description": system.describe(),
+        "counts": {s: int(counts[s]) for s in SPLITS if s in counts},
+        "seed": int(seed),
+        "chunk": int(chunk),
+        "method": method,
+        "rtol": float(rtol),
+        "atol": float(atol),
+    }
+    return json.loads(json.dumps(args))  # tuples -> lists, as they come back from zarr
+
+
+def _sample(system: System, seed: int, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw all parameters ``(n, P)`` and initial states ``(n, S)`` of a split, float64."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS.index(split)]))
+    params, y0 = system.sample(rng, n, split)
+    return np.ascontiguousarray(params, np.float64), np.ascontiguousarray(y0, np.float64)
+
+
+def _probe(system: System, sample, ts, *, method: str, rtol: float, atol: float) -> None:
+    """Integrate one trajectory over one step: a bad vector field fails before any write."""
+    params, y0 = (torch.from_numpy(a[:1]) for a in sample)  # (1, P), (1, S)
+    simulate(system, y0, params, ts[:2], method=method, rtol=rtol, atol=atol)
+
+
+def _n_chunks(counts: dict[str, int], chunk: int) -> int:
+    return sum(-(-n // chunk) for n in counts.values())
+
+
+def _existing_state(path: Path, arguments: dict) -> str:
+    """Return "new" (nothing there), "resume" or "complete" for a store made with `arguments`."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return "new"
+    root = _open_root(path, writing=True)
+    stored = root.attrs["warp_phys"].get("arguments")
+    if stored != arguments:
+        state = "a complete" if root.attrs.get("complete") is True else "an incomplete"
+        raise StoreError(
+            f"{path} holds {state} store generated with other arguments "
+            f"({_diff(stored, arguments)}); "
+            f"pick another --out, or delete {path} to regenerate it"
+        )
+    if root.attrs.get("complete") is True:
+        log.info("%s is already complete with these arguments; nothing to do", path)
+        return "complete"
+    log.info("resuming %s", path)
+    return "resume"
+
+
+def _diff(stored, wanted: dict) -> str:
+    if not isinstance(stored, dict):
+        return "unknown arguments"
+    keys = [k for k in wanted if stored.get(k) != wanted[k]]
+    if keys == ["description"]:  # the system's declaration changed: name the entries
+        old, new = stored["description"], wanted["description"]
+        return ", ".join(f"description.{k}" for k in new if old.get(k) != new[k])
+    shown = [k for k in keys if k != "description"]
+    return "; ".join(f"{k}: stored {stored.get(k)!r}, asked {wanted[k]!r}" for k in shown)
+
+
+def _create(path: Path, system: System, arguments: dict, samples: dict) -> None:
+    """Write the skeleton (coordinates, params, y0, empty y, marks), then move it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    from warp_phys import __version__
+
+    try:
+        root = zarr.open_group(tmp, mode="w-", zarr_format=3)
+        meta = {"format": FORMAT, "version": __version__, "arguments": arguments}
+        root.attrs.update({"warp_phys": meta, "system": system.name, "complete": False})
+        progress = root.create_group(_PROGRESS)
+        for split, (params, y0) in samples.items():
+            _create_split(root.create_group(split), system, split, arguments, params, y0)
+            n_chunks = -(-len(params) // arguments["chunk"])
+            _create_marks(progress.create_group(split), n_chunks, system.state_dim)
+        if path.exists():
+            path.rmdir()  # only ever an empty directory here (checked by the caller)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _array(group, name, data=None, *, shape=None, dtype="f8", dims, chunks=None, fill=np.nan):
+    shape = data.shape if data is not None else shape
+    kwargs = {"fill_value": fill} if dtype is not str else {}
+    arr = group.create_array(
+        name, shape=shape, dtype=dtype, chunks=chunks or shape, dimension_names=dims, **kwargs
+    )
+    if data is not None:
+        arr[...] = data
+    return arr
+
+
+def _create_split(group, system: System, split: str, arguments: dict, params, y0) -> None:
+    n, ts, S = len(params), system.times().numpy(), system.state_dim
+    small = min(n, _SMALL_CHUNK)
+    for dim, names in (("state", system.state), ("parameter", system.param_names)):
+        _array(group, dim, np.array(names, dtype=object), dtype=str, dims=(dim,))
+    traj = np.arange(n, dtype=np.int64)
+    _array(group, "trajectory", traj, dtype="i8", dims=("trajectory",), chunks=(small,), fill=-1)
+    _array(group, "time", ts, dims=("time",))
+    _array(
+        group, "params", params, dims=("trajectory", "parameter"), chunks=(small, params.shape[1])
+    )
+    _array(group, "y0", y0, dims=("trajectory", "state"), chunks=(small, S))
+    chunks = (min(n, arguments["chunk"]), len(ts), S)
+    _array(group, "y", shape=(n, len(ts), S), dims=("trajectory", "time", "state"), chunks=chunks)
+    group.attrs.update(_split_attrs(system, split, arguments))
+
+
+def _split_attrs(system: System, split: str, arguments: dict) -> dict:
+    """The attributes of a split group: the system, this split's ranges, integrator, seed."""
+    from warp_phys import __version__
+
+    attrs = {
+        **system.describe(),
+        "split": split,
+        "ranges": system.ranges(split),
+        "y0_distribution": system.initial_states(split).describe(),
+        "latex": system.latex(),
+        **_integrator_attrs(arguments["method"], arguments["rtol"], arguments["atol"]),
+        "seed": arguments["seed"],
+        "counts": arguments["counts"],
+        "chunk": arguments["chunk"],
+        "warp_phys_version": __version__,
+    }
+    return json.loads(json.dumps(attrs))  # tuples -> lists, as zarr gives them back
+
+
+def _integrator_attrs(method: str, rtol: float, atol: float) -> dict:
+    """`simulate.integrator_attrs` (which also validates) where present, else a plain record."""
+    describe = getattr(simulate_module, "integrator_attrs", None)
+    plain = {"integrator": "torchdiffeq.odeint", "method": method, "rtol": rtol, "atol": atol}
+    return describe(method, rtol, atol) if describe else plain
+
+
+def _create_marks(group, n_chunks: int, state_dim: int) -> None:
+    per_file = min(n_chunks, _MARKS_PER_FILE)
+    _array(
+        group, "done", shape=(n_chunks,), dtype="u1", dims=("chunk",), chunks=(per_file,), fill=0
+    )
+    shape, chunks = (n_chunks, state_dim), (per_file, state_dim)
+    for name in ("y_min", "y_max"):
+        _array(group, name, shape=shape, dims=("chunk", "state"), chunks=chunks)
+
+
+def _write_chunk(root, system, split, k, chunk, ts, method, rtol, atol, path) -> None:
+    """Integrate chunk `k` of `split`, write it, then mark it done."""
+    group, marks = root[split], root[_PROGRESS][split]
+    lo, hi = k * chunk, min((k + 1) * chunk, group["y"].shape[0])
+    params = torch.from_numpy(group["params"][lo:hi])  # (B, P)
+    y0 = torch.from_numpy(group["y0"][lo:hi])  # (B, S)
+    try:
+        ys = simulate(system, y0, params, ts, method=method, rtol=rtol, atol=atol, index_offset=lo)
+    except UserError as err:
+        raise type(err)(f"split {split!r}: {err} (the store at {path} stays incomplete)") from None
+    ys = ys.numpy()  # (B, T, S)
+    group["y"][lo:hi] = ys
+    marks["y_min"][k] = ys.min(axis=(0, 1))
+    marks["y_max"][k] = ys.max(axis=(0, 1))
+    marks["done"][k] = 1
+
+
+def _finalize(path: Path) -> None:
+    """Record value ranges, consolidate metadata, then (last) mark the store complete."""
+    root = zarr.open_group(path, mode="r+")
+    for split in _splits(root):
+        marks = root[_PROGRESS][split]
+        lo, hi = marks["y_min"][:].min(axis=0), marks["y_max"][:].max(axis=0)  # (S,)
+        state = root[split].attrs["state"]
+        root[split].attrs["value_range"] = {
+            s: [float(a), float(b)] for s, a, b in zip(state, lo, hi, strict=True)
+        }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(path)
+    zarr.open_group(path, mode="r+").attrs["complete"] = True
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _open_root(path: Path, *, writing: bool = False):
+    """Open the root group of one of our stores (any state), or raise StoreError."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(
+            f"no store at {path}; create it with `warp-phys generate SYSTEM --out {path}`"
+        )
+    try:
+        root = zarr.open_group(path, mode="r")
+        ours = isinstance(root.attrs.get("warp_phys"), dict)
+    except Exception:  # unreadable metadata, not a zarr group, not a directory
+        ours = False
+    if not ours and writing:
+        raise StoreError(
+            f"{path} exists and is not a warp-phys store; refusing to write into it: "
+            f"pick another --out"
+        )
+    if not ours:
+        raise StoreError(f"{path} is not a warp-phys store (no generate metadata); check the path")
+    return root
+
+
+def _splits(root) -> list[str]:
+    return [s for s in SPLITS if s in root.attrs["warp_phys"]["arguments"]["counts"]]
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Return True only for a fully written warp-phys store."""
+    try:
+        return _open_root(Path(path)).attrs.get("complete") is True
+    except StoreError:
+        return False
+
+
+def _open_complete(path: Path):
+    root = _open_root(path)
+    if root.attrs.get("complete") is not True:
+        marks = [root[_PROGRESS][s]["done"][:] for s in _splits(root)]
+        done, total = sum(int(m.sum()) for m in marks), sum(m.size for m in marks)
+        args = root.attrs["warp_phys"]["arguments"]
+        raise StoreError(
+            f"store {path} is incomplete ({done}/{total} chunks written; generation was "
+            f"interrupted or failed): resume it with `{_command(path, args)}`, or delete it"
+        )
+    return root
+
+
+def _command(path: Path, args: dict) -> str:
+    """The `warp-phys generate` command that (re)creates a store with `args`."""
+    parts = ["warp-phys generate", args["system"], f"--out {path}"]
+    parts += [f"--n-{s.replace('_', '-')} {n}" for s, n in args["counts"].items()]
+    parts += [f"--seed {args['seed']}", f"--chunk {args['chunk']}"]
+    parts += [f"--rtol {args['rtol']:g}", f"--atol {args['atol']:g}"]
+    try:
+        from warp_phys.system import get_system
+
+        default = get_system(args["system"]).describe()
+    except UserError:
+        default = {}
+    for flag, key in (("--range", "ranges_train"), ("--ood-range", "ranges_test_ood")):
+        for name, (lo, hi) in args["description"].get(key, {}).items():
+            if default.get(key, {}).get(name) != [lo, hi]:
+                parts.append(f"{flag} {name}={lo:g},{hi:g}")
+    return " ".join(parts)
+
+
+def open_split(path: str | os.PathLike, split: str) -> xr.Dataset:
+    """Open one split of a complete store as a lazily loaded `xarray.Dataset`."""
+    path = Path(path)
+    root = _open_complete(path)
+    if split not in _splits(root):
+        raise StoreError(
+            f"store {path} has no split {split!r}; its splits are {', '.join(_splits(root))}"
+        )
+    for var in ("y", "params", "y0"):  # a partial copy of a complete store: chunk files missing
+        arr = root[split][var]
+        if arr.nchunks_initialized < arr.nchunks:
+            raise StoreError(
+                f"store {path} is truncated: {split}/{var} has {arr.nchunks_initialized} of "
+                f"{arr.nchunks} chunk files; copy it again, or delete it and generate it again"
+            )
+    return xr.open_zarr(path, group=split, consolidated=True)
+
+
+def to_xarray(path: str | os.PathLike) -> xr.DataTree:
+    """Open every split of a complete store as one `xarray.DataTree` (a node per split)."""
+    root = _open_complete(Path(path))
+    tree = xr.DataTree.from_dict({s: open_split(path, s) for s in _splits(root)})
+    tree.attrs.update(dict(root.attrs))
+    return tree
+
+
+def store_info(path: str | os.PathLike) -> dict:
+    """Summarise a complete store from its metadata (no data is read)."""
+    path = Path(path)
+    root = _open_complete(path)
+    meta = root.attrs["warp_phys"]
+    args = meta["arguments"]
+    first = root[_splits(root)[0]]
+    splits = {
+        s: {
+            "shape": list(root[s]["y"].shape),
+            "value_range": root[s].attrs["value_range"],
+            "ranges": root[s].attrs["ranges"],
+        }
+        for s in _splits(root)
+    }
+    times = first["time"][:]
+    return {
+        "path": str(path),
+        "system": args["system"],
+        "equations": first.attrs["equations"],
+        "state": list(first.attrs["state"]),
+        "parameter": list(first["parameter"][:]),
+        "time": {"start": float(times[0]), "stop": float(times[-1]), "n": int(times.size)},
+        "seed": args["seed"],
+        "chunk": args["chunk"],
+        "integrator": _integrator_attrs(args["method"], args["rtol"], args["atol"]),
+        "version": meta["version"],
+        "splits": splits,
+    }
+
+
+# -- torch view -------------------------------------------------------------------------------
+class TrajectoryDataset(torch.utils.data.Dataset):
+    """A split in memory as float32 tensors; item ``i`` is ``dict(y (T, S), params (P,), y0 (S,))``.
+
+    Args:
+        source: a store path, or a Dataset from `open_split`.
+        split: the split to load when `source` is a path.
+    """
+
+    def __init__(self, source: str | os.PathLike | xr.Dataset, split: str | None = None) -> None:
+        if isinstance(source, xr.Dataset):
+            ds = source
+        else:
+            if split is None:
+                raise UserError(f"give the split to load from {source}; one of {', '.join(SPLITS)}")
+            ds = open_split(source, split)
+        n, T, S = ds["y"].shape
+        self.y = torch.empty((n, T, S), dtype=torch.float32)
+        step = max(1, ds["y"].encoding.get("chunks", (n,))[0])
+        for lo in range(0, n, step):  # chunk by chunk: never a float64 copy of the whole split
+            self.y[lo : lo + step] = torch.from_numpy(np.array(ds["y"][lo : lo + step].values))
+        self.params = torch.tensor(ds["params"].values, dtype=torch.float32)  # (n, P)
+        self.y0 = torch.tensor(ds["y0"].values, dtype=torch.float32)  # (n, S)
+        self.times = torch.tensor(ds["time"].values, dtype=torch.float64)  # (T,)
+        self.state = tuple(str(s) for s in ds["state"].values)
+        self.parameter = tuple(str(p) for p in ds["parameter"].values)
+        self.attrs = dict(ds.attrs)
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"y": self.y[i], "params": self.params[i], "y0": self.y0[i]}
+
+
+def make_loader(
+    path: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int = 64,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> torch.utils.data.DataLoader:
+    """Return a DataLoader over a split; batches are dicts of ``y (B, T, S)``, `params`, `y0`."""
+    if not _is_int(batch_size) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer; got {batch_size!r}")
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.utils.data.DataLoader(
+        TrajectoryDataset(path, split), batch_size=batch_size, shuffle=shuffle, generator=generator
+    )
