@@ -58,7 +58,7 @@ def test_systems():
         register_system(name)(cls)
     yield {name: cls() for name, cls in names.items()}
     for name in names:
-        SYSTEMS._entries.pop(name, None)  # Registry has no public unregister (yet)
+        SYSTEMS.unregister(name)
 
 
 @pytest.fixture

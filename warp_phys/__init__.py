@@ -1,6 +1,7 @@
 """warp-phys: WARP and physics-informed WARP for dynamical systems, in PyTorch."""
 
 from warp_phys.errors import DivergenceError, StoreError, UserError
+from warp_phys.root import AbstractRoot, FlatMLP, build_root, prior_names, register_prior
 from warp_phys.symbolic import SymbolicSystem
 from warp_phys.system import (
     SPLITS,
@@ -16,7 +17,37 @@ from warp_phys.system import (
 
 __version__ = "0.1.0"
 
+# Heavier modules (store, models) import lazily on first use; simulate and compare are modules:
+# `from warp_phys.simulate import simulate`, `from warp_phys.compare import compare`.
+_LAZY = {
+    "generate_store": "warp_phys.store",
+    "open_split": "warp_phys.store",
+    "to_xarray": "warp_phys.store",
+    "store_info": "warp_phys.store",
+    "TrajectoryDataset": "warp_phys.store",
+    "make_loader": "warp_phys.store",
+    "WARP": "warp_phys.warp",
+    "Forecast": "warp_phys.warp",
+    "GRUForecaster": "warp_phys.baselines",
+    "LSTMForecaster": "warp_phys.baselines",
+    "load_config": "warp_phys.config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'warp_phys' has no attribute {name!r}")
+
 __all__ = [
+    *_LAZY,
+    "AbstractRoot",
+    "FlatMLP",
+    "build_root",
+    "prior_names",
+    "register_prior",
     "SPLITS",
     "Box",
     "DivergenceError",

@@ -21,7 +21,8 @@ from typing import Any
 
 from warp_phys.errors import UserError
 
-RUNS_DIR = Path("runs")
+# presets ship in the repository's runs/ folder; a runs/ folder in the working directory wins
+RUNS_DIR = Path("runs") if Path("runs").is_dir() else Path(__file__).resolve().parent.parent / "runs"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ class Standardized(nn.Module):
         return type(out)(out.mean * self.scale + self.offset, std)
 
     def physical_params(self, ys: Tensor, context: int) -> dict[str, Tensor]:
-        return self.inner.physical_params((ys - self.offset) / self.scale, context)
+        # standardised models are black boxes: physics priors work in physical units
+        fn = getattr(self.inner, "physical_params", None)
+        return {} if fn is None else fn((ys - self.offset) / self.scale, context)
 
     def penalty(self, ys: Tensor) -> Tensor | None:
         fn = getattr(self.inner, "penalty", None)

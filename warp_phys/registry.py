@@ -42,6 +42,10 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (for tests that register a throwaway entry)."""
+        self._entries.pop(name, None)
+
     def _load(self) -> None:
         if self._loaded:
             return

@@ -22,7 +22,7 @@ from warp_phys.data import Dataset, ensure_dataset, load_dataset
 from warp_phys.errors import UserError
 from warp_phys.evaluate import evaluate_split
 from warp_phys.models import build_model
-from warp_phys.train import load_checkpoint, resolve_device, train
+from warp_phys.train import load_checkpoint, load_weights, resolve_device, train
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("test", "test_ood")
@@ -54,7 +54,7 @@ def load_run(run_dir: Path, data: Dataset | None = None):
     model_cfg = ModelConfig(**meta["model"])
     data = data or load_dataset(Path(meta["data_path"]))
     model = build_model(model_cfg, data)
-    model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
+    load_weights(model, load_checkpoint(run_dir / "best.pt")["model"], run_dir / "best.pt")
     return cfg, meta["label"], model_cfg, data, model
 
 

@@ -93,6 +93,17 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"checkpoint {path} is corrupt ({type(err).__name__}); delete it and train afresh") from None
 
 
+def load_weights(model: nn.Module, weights: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise UserError(
+            f"checkpoint {path} does not fit this model ({first}); the dataset or model config "
+            f"changed since it was written: train afresh without --resume or restore the config"
+        ) from None
+
+
 @torch.no_grad()
 def val_score(model: nn.Module, ys: Tensor, scale: Tensor, context: int, batch: int) -> float:
     """Mean forecast MSE on validation trajectories (standardised units): the selection score."""
@@ -122,7 +133,7 @@ def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfi
     batch_rng = torch.Generator().manual_seed(tcfg.seed + 1)
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], run_dir / "last.pt")
         opt.load_state_dict(ckpt["optimizer"])
         state = TrainState(**ckpt["state"])
         gen.set_state(ckpt["gen"])
@@ -153,10 +164,11 @@ def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfi
                 f"gradient clipping"
             )
         opt.step(loss, frac)
+        loss = loss.item()
         state.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3g}", phase="tf" if teacher else f"ar p={p:.2f}")
-        record = {"step": state.step, "loss": float(loss), "phase": "teacher" if teacher else "auto",
+        bar.set_postfix(loss=f"{loss:.3g}", phase="tf" if teacher else f"ar p={p:.2f}")
+        record = {"step": state.step, "loss": loss, "phase": "teacher" if teacher else "auto",
                   "time": time.perf_counter() - start}
         if state.step % tcfg.eval_every == 0 or state.step == tcfg.steps:
             record["val"] = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
