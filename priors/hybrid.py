@@ -34,6 +34,7 @@ from priors.ode import (
     resolve_system,
     spectral_radius,
     state_scale_of,
+    std_from,
     time_map,
 )
 from warp_phys.errors import UserError
@@ -44,6 +45,8 @@ from warp_phys.system import System, system_names
 @register_prior("hybrid")
 class HybridRoot(AbstractRoot):
     """Root network = incomplete system ODE (parameters from θ) + bounded residual (from θ)."""
+
+    physical_units = True  # the model feeds it raw states (no standardisation)
 
     def __init__(
         self,
@@ -64,6 +67,7 @@ class HybridRoot(AbstractRoot):
         spread: float | Mapping[str, float] = DEFAULT_SPREAD,  # bound radius, log units if > 0
         state_scale: str | Sequence[float] | None = "auto",  # y units seen by the networks
         integrator: str = "rk4",  # "rk4" or "euler" (ablation)
+        predict_std: bool = False,  # also output a std per state (Gaussian NLL loss)
     ) -> None:
         super().__init__()
         if system is None and system_name is None:
@@ -92,6 +96,7 @@ class HybridRoot(AbstractRoot):
         self.params = BoundedParams(
             self.system, prior="hybrid", learn=learn, fixed=fixed, drop=drop, inputs=inputs,
             width=width, depth=depth, spread=spread, state_scale=scale,
+            n_extra=state_dim * predict_std,
         )  # fmt: skip
         held = f"drop={list(drop)}" + (f" and fixed={dict(fixed)}" if fixed else "")
         check_field(self.system, "hybrid", self.params, held)
@@ -119,6 +124,11 @@ class HybridRoot(AbstractRoot):
                 f"field of {self.system.name!r} is zero everywhere: drop fewer parameters"
             )
 
+    @property
+    def learned(self) -> tuple[str, ...]:
+        """Names of the parameters read from θ (the others are held or dropped)."""
+        return self.params.learn
+
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
         r = self.residual.init(generator)
         last = self.system.state_dim * (self.residual.sizes[-2] + 1)
@@ -131,19 +141,21 @@ class HybridRoot(AbstractRoot):
         g = self.residual(w, y / self.scale.to(y))  # (B, S)
         return self.size.to(y) * self.bound * torch.tanh(g / self.bound)
 
-    def forward(self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float) -> tuple[Tensor, None]:
-        p = self.params(theta[:, : self.n_params], tau, y_prev)  # (B, P)
+    def forward(
+        self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float
+    ) -> tuple[Tensor, Tensor | None]:
+        p, extra = self.params(theta[:, : self.n_params], tau, y_prev)  # (B, P), (B, S or 0)
         t0 = self.t_start + tau.to(y_prev) * self.t_length - dt  # (B,) physical time of y_prev
 
         def field(t: Tensor, y: Tensor) -> Tensor:
             return self.system.f(t, y, p) + self.residual_field(theta, y)
 
-        return self.stepper(field, y_prev, dt, t0), None
+        return self.stepper(field, y_prev, dt, t0), std_from(extra, self.scale)
 
     def penalty(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> Tensor:
         """Return the mean squared residual at y_prev in units of the field size, ``(B,)``."""
         return (self.residual_field(theta, y_prev) / self.size.to(y_prev)).square().mean(-1)
 
     def physical_params(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> dict[str, Tensor]:
-        p = self.params(theta[:, : self.n_params], tau, y_prev)  # (B, P); dropped ones are 0
+        p, _ = self.params(theta[:, : self.n_params], tau, y_prev)  # (B, P); dropped: 0
         return dict(zip(self.system.param_names, p.unbind(-1), strict=True))

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from warp_phys.errors import UserError
 from warp_phys.integrate import INTEGRATORS
@@ -41,6 +42,8 @@ from warp_phys.system import Box, System, get_system, system_names
 INPUTS = ("const", "tau", "tau_y")  # what the parameter network sees
 STEP_RATE = 1.0  # auto substeps keep h·ρ(∂f/∂y) <= this (RK4 is stable up to ~2.8)
 DEFAULT_SPREAD = 2.0  # soft-bound half-width: a factor e^2 ≈ 7.4 either side for positive
+STD_SHIFT = -3.0  # predict_std: std = scale · softplus(raw + shift); 5% of scale at init
+STD_FLOOR = 1e-4  # lower bound of a predicted std, as the blackbox prior and the paper's code
 MAX_CORNERS = 8  # up to 2^8 corners of the parameter box; beyond, 256 random points
 
 
@@ -226,6 +229,7 @@ class BoundedParams(nn.Module):
         depth: int,
         spread: float | Mapping[str, float],
         state_scale: Tensor,
+        n_extra: int = 0,
     ) -> None:
         super().__init__()
         if inputs not in INPUTS:
@@ -250,9 +254,10 @@ class BoundedParams(nn.Module):
         self.register_buffer("order", torch.tensor(order, dtype=torch.long), False)
         self.register_buffer("scale", state_scale.float(), False)  # (S,)
         n_in = {"const": 1, "tau": 1, "tau_y": 1 + system.state_dim}[inputs]
-        self.mlp = FlatMLP([n_in, *[width] * depth, L]) if L else None
+        self.n_out = L + n_extra  # bounded parameters, then raw extra outputs (e.g. a std)
+        self.mlp = FlatMLP([n_in, *[width] * depth, self.n_out]) if self.n_out else None
         self.n_weights = self.mlp.n_weights if self.mlp else 0
-        self.n_last = L * ((width if depth else n_in) + 1)  # weights + biases of the last layer
+        self.n_last = self.n_out * ((width if depth else n_in) + 1)  # last layer's W and b
 
     def init(self, generator: torch.Generator | None = None) -> Tensor:
         """Return weights ``(n_weights,)`` for which every learned parameter is at its centre."""
@@ -281,11 +286,12 @@ class BoundedParams(nn.Module):
         held = self.held.to(learned).expand(learned.shape[0], -1)  # (B, P - L)
         return torch.cat((learned, held), -1)[:, self.order]  # (B, P)
 
-    def forward(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> Tensor:
-        """Return the parameters ``(B, P)`` that θ ``(B, n_weights)`` encodes."""
+    def forward(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """Return the parameters ``(B, P)`` θ ``(B, n_weights)`` encodes, and the extra
+        raw outputs ``(B, n_extra)``."""
         B = theta.shape[0]
         if self.mlp is None:
-            return self.full(theta.new_zeros(B, 0))
+            return self.full(theta.new_zeros(B, 0)), theta.new_zeros(B, 0)
         if self.inputs == "const":
             x = theta.new_ones(B, 1)  # (B, 1)
         elif self.inputs == "tau":
@@ -293,7 +299,9 @@ class BoundedParams(nn.Module):
         else:
             y = y_prev.to(theta) / self.scale.to(theta)  # (B, S) in O(1) units
             x = torch.cat((tau.to(theta).reshape(B, 1), y), -1)  # (B, 1 + S)
-        return self.full(self._bound(self.mlp(theta, x)))
+        raw = self.mlp(theta, x)  # (B, L + n_extra)
+        L = len(self.learn)
+        return self.full(self._bound(raw[:, :L])), raw[:, L:]
 
     def weights_for(self, values: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Return θ ``(B, n_weights)`` whose network outputs ``values (B, P)`` (learned entries).
@@ -308,7 +316,8 @@ class BoundedParams(nn.Module):
         v = values[:, idx]  # (B, L)
         u = torch.where(self.positive, torch.log(v.abs().clamp_min(1e-300)), v)
         z = ((u - self.centre.to(v)) / self.radius.to(v)).clamp(-1 + 1e-6, 1 - 1e-6)
-        theta[:, theta.shape[1] - len(self.learn) :] = torch.atanh(z)
+        start = theta.shape[1] - self.n_out  # the last biases: learned ones first
+        theta[:, start : start + len(self.learn)] = torch.atanh(z)
         return theta
 
 
@@ -351,6 +360,14 @@ class Stepper:
         return self.method(f, y, dt, self.substeps_for(dt), t0=t0)
 
 
+def std_from(extra: Tensor, scale: Tensor) -> Tensor | None:
+    """Return the predicted std ``(B, S)`` from raw outputs ``(B, S)``; None when absent."""
+    if extra.shape[-1] == 0:
+        return None
+    std = F.softplus(extra + STD_SHIFT) * scale.to(extra)  # (B, S) in state units
+    return std.clamp_min(STD_FLOOR)
+
+
 def check_field(system: System, prior: str, params: BoundedParams, what: str) -> None:
     """Raise if the (possibly reduced) vector field is not finite at reference states."""
     ref = reference(system)
@@ -364,7 +381,14 @@ def check_field(system: System, prior: str, params: BoundedParams, what: str) ->
 
 @register_prior("ode")
 class ODERoot(AbstractRoot):
-    """Root network = a registered system's ODE with parameters read from θ (WARP-Phys)."""
+    """Root network = a registered system's ODE with parameters read from θ (WARP-Phys).
+
+    root = build_root("ode", state_dim=2, system=get_system("msd"), fixed={"m": 0.03})
+    mean, std = root(theta, tau, y_prev, dt)         # one RK4 step of the MSD
+    root.physical_params(theta, tau, y_prev)         # {"m": ..., "k": ..., "c": ...}
+    """
+
+    physical_units = True  # the model feeds it raw states (no standardisation)
 
     def __init__(
         self,
@@ -381,6 +405,7 @@ class ODERoot(AbstractRoot):
         spread: float | Mapping[str, float] = DEFAULT_SPREAD,  # bound radius, log units if > 0
         state_scale: str | Sequence[float] | None = "auto",  # y units seen by the network
         integrator: str = "rk4",  # "rk4" or "euler" (ablation)
+        predict_std: bool = False,  # also output a std per state (Gaussian NLL loss)
     ) -> None:
         super().__init__()
         self.system = resolve_system(
@@ -389,7 +414,7 @@ class ODERoot(AbstractRoot):
         scale = state_scale_of(self.system, state_scale)
         self.params = BoundedParams(
             self.system, prior="ode", learn=learn, fixed=fixed, inputs=inputs, width=width,
-            depth=depth, spread=spread, state_scale=scale,
+            depth=depth, spread=spread, state_scale=scale, n_extra=state_dim * predict_std,
         )  # fmt: skip
         if not self.params.learn:
             raise UserError(
@@ -404,6 +429,11 @@ class ODERoot(AbstractRoot):
         self.t_start, self.t_length = time_map(self.system)
         self.n_weights = self.params.n_weights
 
+    @property
+    def learned(self) -> tuple[str, ...]:
+        """Names of the parameters read from θ (the others are held or dropped)."""
+        return self.params.learn
+
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
         return self.params.init(generator)
 
@@ -411,11 +441,14 @@ class ODERoot(AbstractRoot):
         """Return θ ``(B, n_weights)`` that encodes the parameters ``values (B, P)``."""
         return self.params.weights_for(values, generator)
 
-    def forward(self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float) -> tuple[Tensor, None]:
-        p = self.params(theta, tau, y_prev)  # (B, P)
+    def forward(
+        self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float
+    ) -> tuple[Tensor, Tensor | None]:
+        p, extra = self.params(theta, tau, y_prev)  # (B, P), (B, S or 0)
         t0 = self.t_start + tau.to(y_prev) * self.t_length - dt  # (B,) physical time of y_prev
-        return self.stepper(lambda t, y: self.system.f(t, y, p), y_prev, dt, t0), None
+        mean = self.stepper(lambda t, y: self.system.f(t, y, p), y_prev, dt, t0)
+        return mean, std_from(extra, self.params.scale)
 
     def physical_params(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> dict[str, Tensor]:
-        p = self.params(theta, tau, y_prev)  # (B, P)
+        p, _ = self.params(theta, tau, y_prev)  # (B, P)
         return dict(zip(self.system.param_names, p.unbind(-1), strict=True))

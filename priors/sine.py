@@ -24,6 +24,8 @@ from warp_phys.system import System
 class SineRoot(AbstractRoot):
     """Root network = a sinusoid of period 1 whose phase is an MLP of τ."""
 
+    physical_units = True  # predicts the raw signal (no standardisation)
+
     def __init__(
         self,
         *,

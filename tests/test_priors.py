@@ -15,7 +15,7 @@ import torch
 from priors.ode import reference
 from warp_phys.errors import UserError
 from warp_phys.integrate import euler, rk4
-from warp_phys.root import build_root
+from warp_phys.root import build_root, prior_names
 from warp_phys.simulate import simulate
 from warp_phys.system import get_system, system_names
 
@@ -161,6 +161,19 @@ def test_ode_prior_fixed_and_learn_options():
     ].item() == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("prior", ["ode", "hybrid"])
+def test_physics_priors_predict_a_positive_std_on_request(prior):
+    system = get_system("msd")
+    root = build_root(prior, state_dim=2, system=system, predict_std=True)
+    plain = build_root(prior, state_dim=2, system=system)
+    assert root.physical_units and root.n_weights == plain.n_weights + 2 * (32 + 1)
+    tau, y = torch.rand(4), torch.randn(4, 2)
+    mean, std = root(root.init_weights().expand(4, -1), tau, y, 1 / 255)
+    plain_mean, plain_std = plain(plain.init_weights().expand(4, -1), tau, y, 1 / 255)
+    assert std.shape == (4, 2) and (std > 0).all() and plain_std is None
+    assert torch.allclose(mean, plain_mean)  # the std head leaves the physics alone
+
+
 def test_ode_prior_rollout_cannot_gain_energy_on_msd_at_any_weights():
     """With c/m >= 0 by construction and h·ρ <= 1, RK4 never adds energy, whatever θ."""
     root = build_root("ode", state_dim=2, system=get_system("msd")).double()
@@ -274,6 +287,27 @@ def test_sine_prior_is_exact_given_the_phase():
     )
     assert std is None
     assert torch.allclose(mean.view(2, 15, 1), ys[:, 1:], atol=1e-7)
+
+
+# -- every registered prior -------------------------------------------------------------------
+@pytest.mark.parametrize("prior", prior_names())
+@pytest.mark.parametrize("name", SYSTEMS)
+def test_every_prior_honours_the_root_contract(prior, name):
+    """Shapes, dtypes and finiteness at the default weights, for each prior x system pair."""
+    system = get_system(name)
+    try:
+        root = build_root(prior, state_dim=system.state_dim, system=system)
+    except UserError as err:
+        pytest.skip(f"{prior} does not apply to {name}: {err}")
+    theta0 = root.init_weights(torch.Generator().manual_seed(0))
+    assert theta0.shape == (root.n_weights,) and theta0.dtype == torch.float32
+    B, S = 5, system.state_dim
+    y = reference(system).y[:B].float()  # (B, S)
+    mean, std = root(theta0.expand(B, -1), torch.rand(B), y, _dt(system))
+    assert mean.shape == (B, S) and torch.isfinite(mean).all()
+    assert std is None or (std.shape == (B, S) and (std > 0).all())
+    for value in root.physical_params(theta0.expand(B, -1), torch.rand(B), y).values():
+        assert value.shape == (B,) and torch.isfinite(value).all()
 
 
 # -- robustness and bad input -----------------------------------------------------------------
