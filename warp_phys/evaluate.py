@@ -136,18 +136,32 @@ def recovered_params(model: nn.Module, data: Dataset, split: str, context: int, 
     if not chunks:
         return {}
     est = {k: torch.cat(v).numpy() for k, v in chunks.items()}
+    learned = _learned_names(model)
     true_params = data.splits[split].params
     truth = {n: true_params[:, j] for j, n in enumerate(data.parameter)}
     out = {}
-    for name, (e, t) in _identifiable(data, est, truth).items():
+    for name, (e, t) in _identifiable(data, est, truth, learned).items():
         rel = np.abs(e - t) / np.maximum(np.abs(t), 1e-12)
         out[name] = {"median_rel_error": float(np.median(rel)), "mean_rel_error": float(np.mean(rel)),
                      "estimate": e.tolist(), "true": t.tolist()}
     return out
 
 
-def _identifiable(data: Dataset, est: dict, truth: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    pairs = {n: (est[n], truth[n]) for n in est if n in truth and data.system.params[n].train is not None}
+def _learned_names(model: nn.Module) -> set[str] | None:
+    """Names of the parameters a physics root learns (held ones are not 'recovered')."""
+    for module in model.modules():
+        if hasattr(module, "learned") and isinstance(module.learned, (list, tuple)):
+            return set(module.learned)
+    return None
+
+
+def _identifiable(data: Dataset, est: dict, truth: dict, learned: set[str] | None) -> dict:
+    """Pairs (estimate, truth) of each learned parameter and each identifiable combination."""
+    pairs = {
+        n: (est[n], truth[n])
+        for n in est
+        if n in truth and data.system.params[n].train is not None and (learned is None or n in learned)
+    }
     for name, fn in getattr(data.system, "identifiable", {}).items():
         if all(n in est for n in data.parameter):
             pe = np.stack([est[n] for n in data.parameter], -1)

@@ -76,14 +76,14 @@ class SymbolicSystem(System):
         ys = y.unbind(-1)
         ps = tuple(getattr(p, n) for n in self.params)
         rows = self._field(t, ys, ps)
-        return torch.stack([torch.as_tensor(r, dtype=y.dtype).expand_as(ys[0]) for r in rows], -1)
+        return torch.stack([torch.as_tensor(r, dtype=y.dtype, device=y.device).expand_as(ys[0]) for r in rows], -1)
 
     def jacobian(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
         ys = y.unbind(-1)
         ps = tuple(getattr(p, n) for n in self.params)
         rows = self._jac(t, ys, ps)
         full = [
-            torch.stack([torch.as_tensor(e, dtype=y.dtype).expand_as(ys[0]) for e in row], -1)
+            torch.stack([torch.as_tensor(e, dtype=y.dtype, device=y.device).expand_as(ys[0]) for e in row], -1)
             for row in rows
         ]
         return torch.stack(full, -2)  # (..., state, state)

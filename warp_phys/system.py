@@ -171,7 +171,12 @@ class System(ABC):
         y = y.detach().requires_grad_(True)
         with torch.enable_grad():
             f = self.vector_field(t, y, p)
-            rows = [torch.autograd.grad(f[..., i].sum(), y, retain_graph=True)[0] for i in range(f.shape[-1])]
+            if not f.requires_grad:  # the field does not depend on y (e.g. the sine task)
+                return torch.zeros(*y.shape, y.shape[-1], dtype=y.dtype, device=y.device)
+            rows = [
+                torch.autograd.grad(f[..., i].sum(), y, retain_graph=True, materialize_grads=True)[0]
+                for i in range(f.shape[-1])
+            ]
         return torch.stack(rows, dim=-2)  # (..., state, state)
 
     # -- derived facts ------------------------------------------------------------------
