@@ -16,6 +16,7 @@ the constructor takes keyword-only options plus `state_dim` and `system` (the re
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from warp_phys.errors import UserError
 from warp_phys.registry import Registry
 from warp_phys.system import System
 
@@ -100,7 +102,16 @@ def register_prior(name: str):
 
 def build_root(name: str, *, state_dim: int, system: System | None = None, **options) -> AbstractRoot:
     """Instantiate the prior `name` for a dataset of `state_dim` states."""
-    return PRIORS.get(name)(state_dim=state_dim, system=system, **options)
+    cls = PRIORS.get(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        valid = [n for n in accepted if n not in ("self", "state_dim", "system")]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise UserError(
+                f"unknown option {unknown[0]!r} for prior {name!r}; its options are {', '.join(valid)}"
+            )
+    return cls(state_dim=state_dim, system=system, **options)
 
 
 def prior_names() -> list[str]:

@@ -11,11 +11,13 @@ import dataclasses
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
+import zarr
 
 from warp_phys.config import ModelConfig, RunConfig, load_config, to_toml
 from warp_phys.data import Dataset, ensure_dataset, load_dataset
@@ -94,8 +96,9 @@ def predictions_dataset(data: Dataset, split: str, context: int,
         pred[i, :, 1:] = mean.numpy()
         if sd is not None:
             std[i, :, 1:] = sd.numpy()
-    coords = {"model": labels, "trajectory": np.arange(N), "time": data.times, "state": list(data.state),
-              "parameter": list(data.parameter)}
+    names = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731 - zarr v3 variable-length strings
+    coords = {"model": names(labels), "trajectory": np.arange(N), "time": data.times,
+              "state": names(data.state), "parameter": names(data.parameter)}
     ds = xr.Dataset(
         {
             "truth": (("trajectory", "time", "state"), truth),
@@ -112,8 +115,11 @@ def predictions_dataset(data: Dataset, split: str, context: int,
 
 def write_predictions(path: Path, datasets: dict[str, xr.Dataset]) -> None:
     """Write one zarr group per split (open with xarray.open_zarr(path, group=split))."""
-    for i, (split, ds) in enumerate(datasets.items()):
-        ds.to_zarr(path, group=split, mode="w" if i == 0 else "a", zarr_format=3, consolidated=False)
+    for split, ds in datasets.items():
+        ds.to_zarr(path, group=split, mode="w", zarr_format=3, consolidated=False)
+    with warnings.catch_warnings():  # zarr notes that consolidated metadata is not in the v3 spec yet
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(path)
 
 
 def _finite(obj):

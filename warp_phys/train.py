@@ -159,7 +159,7 @@ def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfi
             bar.close()
             _write_summary(run_dir, state, model, mcfg, stopped="non-finite loss")
             raise UserError(
-                f"training {run_dir} stopped at step {state.step}: the loss is {float(loss)}; "
+                f"training {run_dir} stopped at step {state.step}: the loss is {loss.item()}; "
                 f"the best checkpoint (step {state.best_step}) is intact; lower train.lr or enable "
                 f"gradient clipping"
             )

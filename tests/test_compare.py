@@ -1,0 +1,89 @@
+"""The compare workflow end to end on a tiny preset, and the CLI around it."""
+
+import json
+
+import pytest
+import torch
+import xarray as xr
+
+from warp_phys.cli import main
+from warp_phys.compare import compare
+from warp_phys.config import load_config
+
+torch.set_num_threads(1)
+
+TINY_MSD = [
+    "name=tiny", "data.system=msd", "data.n_train=16", "data.n_val=4", "data.n_test=6",
+    "data.n_test_ood=6", "data.chunk=16", "train.steps=3", "train.eval_every=3",
+    "train.batch_size=4", "model.hidden=8", "model.prior_options={width=8, depth=1}",
+    'models.warp={prior="blackbox"}',
+    'models.warp_phys={prior="ode", hold_after_context=true, prior_options={fixed={m=0.03}, spread=3.0}}',
+    'models.gru={kind="gru"}', 'models.lstm={kind="lstm"}',
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_compare(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    cfg = load_config(None, TINY_MSD + [f'out_dir="{out}"', f'data.path="{out / "msd.zarr"}"'])
+    summary = compare(cfg, progress=False)
+    return out / "tiny", summary
+
+
+def test_compare_writes_results_table_plots_and_predictions(tiny_compare):
+    out, summary = tiny_compare
+    for name in ("results.json", "results.md", "forecasts.png", "horizon.png", "recovery.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"warp", "warp_phys", "gru", "lstm"}
+    for res in results["models"].values():
+        assert res["n_params"] > 0 and res["train_seconds"] > 0
+        for split in ("test", "test_ood"):
+            r = res["splits"][split]
+            assert {"mse", "mae", "median_mse", "ratio_to_persistence", "ratio_to_zero",
+                    "ratio_to_linear_fit"} <= set(r)
+        assert {"in_range", "out_of_range"} <= set(res["splits"]["test_ood"])
+    rec = results["models"]["warp_phys"]["splits"]["test"]["recovery"]
+    assert set(rec) == {"k", "c", "k/m", "c/m"}  # m is held: not reported as recovered
+    assert results["models"]["warp"]["splits"]["test"]["recovery"] == {}
+    assert "| warp_phys |" in (out / "results.md").read_text()
+
+
+def test_predictions_open_in_xarray_with_truth_beside_each_model(tiny_compare):
+    out, _ = tiny_compare
+    ds = xr.open_zarr(out / "predictions.zarr", group="test_ood")
+    assert ds.prediction.dims == ("model", "trajectory", "time", "state")
+    assert list(ds.model.values) == ["warp", "warp_phys", "gru", "lstm"]
+    assert ds.truth.shape == ds.prediction.shape[1:] == (6, 256, 2)
+    assert bool(ds.prediction.isel(time=slice(1, None)).notnull().all())
+    assert int(ds.attrs["context"]) == 100
+
+
+def test_compare_resume_reuses_finished_models(tiny_compare):
+    out, summary = tiny_compare
+    cfg = load_config(None, TINY_MSD + [f'out_dir="{out.parent}"', f'data.path="{out.parent / "msd.zarr"}"'])
+    again = compare(cfg, resume=True, progress=False)
+    for label, res in summary["models"].items():
+        assert again["models"][label]["splits"]["test"]["mse"] == pytest.approx(res["splits"]["test"]["mse"])
+
+
+def test_cli_evaluate_reexports_a_run(tiny_compare, capsys):
+    out, _ = tiny_compare
+    assert main(["evaluate", str(out / "gru")]) == 0
+    assert "gru test: forecast MSE" in capsys.readouterr().out
+    ds = xr.open_zarr(out / "gru" / "predictions.zarr", group="test")
+    assert list(ds.model.values) == ["gru"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "no_such_thing"], "unknown preset 'no_such_thing'; presets in"),
+        (["train", "msd_small", "--set", "train.lrr=1"], "unknown config key train.lrr"),
+        (["evaluate", "/nonexistent/run"], "is not a run directory"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

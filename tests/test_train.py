@@ -1,0 +1,142 @@
+"""Training runs: run directory, resume after an interruption, NaN stop, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from warp_phys.config import load_config
+from warp_phys.errors import UserError
+from warp_phys.run import evaluate_run, prepare_data, train_and_evaluate
+
+torch.set_num_threads(1)  # tiny models: one thread is faster than two busy ones
+
+TINY = [
+    "data.system=sine", "data.n_train=32", "data.n_val=8", "data.n_test=8", "data.n_test_ood=8",
+    "data.context=6", "data.chunk=16", "train.steps=8", "train.eval_every=2", "train.batch_size=8",
+    "model.prior_options={width=8, depth=1}", "model.hidden=8",
+]
+
+
+@pytest.fixture(scope="module")
+def sine_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sine.zarr"
+    cfg = load_config(None, TINY + [f'data.path="{path}"'])
+    prepare_data(cfg, progress=False)
+    return path
+
+
+def tiny(sine_store, tmp_path, *extra):
+    cfg = load_config(None, TINY + [f'data.path="{sine_store}"', f'out_dir="{tmp_path}"', *extra])
+    return cfg, prepare_data(cfg, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["warp", "gru", "lstm"])
+def test_train_writes_a_complete_run_directory(sine_store, tmp_path, kind):
+    cfg, data = tiny(sine_store, tmp_path, f'model.kind="{kind}"')
+    res = train_and_evaluate(cfg, data, kind, cfg.model, tmp_path / kind, progress=False)
+    for name in ("config.toml", "run.json", "best.pt", "last.pt", "history.json", "loss.png", "metrics.json"):
+        assert (tmp_path / kind / name).is_file(), name
+    metrics = json.loads((tmp_path / kind / "metrics.json").read_text())
+    for split in ("test", "test_ood"):
+        m = metrics["splits"][split]
+        assert len(m["model"]["per_horizon_mse"]) == data.n_steps - cfg.data.context
+        assert set(m["references"]) == {"persistence", "zero", "mean", "linear_fit"}
+    assert "in_range" in metrics["splits"]["test_ood"]["model"]
+    assert res["train"]["steps"] == 8
+
+
+def test_interrupted_training_resumes_to_the_same_weights(sine_store, tmp_path, monkeypatch):
+    cfg, data = tiny(sine_store, tmp_path)
+    train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "full", progress=False)
+
+    from warp_phys import optim
+
+    real_step, calls = optim.Optimiser.step, {"n": 0}
+
+    def dying_step(self, loss, progress):
+        calls["n"] += 1
+        if calls["n"] == 6:  # after the checkpoint of step 4, before the one of step 6
+            raise KeyboardInterrupt
+        return real_step(self, loss, progress)
+
+    monkeypatch.setattr(optim.Optimiser, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(optim.Optimiser, "step", real_step)
+    train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "cut", resume=True, progress=False)
+
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert cut["state"]["step"] == full["state"]["step"] == 8
+    for k, v in full["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+
+
+def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(sine_store, tmp_path, monkeypatch):
+    cfg, data = tiny(sine_store, tmp_path)
+    from warp_phys import train as train_mod
+
+    real, calls = train_mod.step_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(train_mod, "step_loss", poisoned)
+    with pytest.raises(UserError, match="stopped at step 4: the loss is nan; the best checkpoint"):
+        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert best["step"] in (2, 4)
+    evaluate_run(tmp_path / "r")  # the kept checkpoint still evaluates
+
+
+def test_context_must_be_shorter_than_the_series(sine_store, tmp_path):
+    cfg, data = tiny(sine_store, tmp_path, "data.context=16")
+    with pytest.raises(UserError, match="context L=16 must be at least 1 and below the 16 steps"):
+        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(sine_store, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg, data = tiny(sine_store, tmp_path, 'train.device="cuda"')
+    with pytest.raises(UserError, match="CUDA was asked for"):
+        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('model.kind="transformer"', "unknown model 'transformer'; choose one of warp, gru, lstm"),
+        ('model.prior="nope"', "unknown prior 'nope'; registered priors: "),
+        ('model.prior="ode"', None),  # fine: sine has a registered ode prior
+        ('model.prior="ode"\nmodel.prior_options={system_name="msd"}', "has 2 states .* but the dataset has 1"),
+        ("model.prior_options={widht=8}", "unknown option 'widht' for prior 'blackbox'; its options are "),
+    ],
+)
+def test_model_config_errors_name_the_valid_choices(sine_store, tmp_path, override, message):
+    cfg, data = tiny(sine_store, tmp_path, *override.split("\n"), "train.steps=1")
+    if message is None:
+        train_and_evaluate(cfg, data, "m", cfg.model, tmp_path / "r", progress=False)
+        return
+    with pytest.raises(UserError, match=message):
+        train_and_evaluate(cfg, data, "m", cfg.model, tmp_path / "r", progress=False)
+
+
+def test_resume_needs_a_readable_checkpoint(sine_store, tmp_path):
+    cfg, data = tiny(sine_store, tmp_path)
+    with pytest.raises(UserError, match="no checkpoint at .*last.pt; run without --resume"):
+        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False)
+    (tmp_path / "r" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="last.pt is corrupt"):
+        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False)
+
+
+def test_checkpoint_of_another_model_is_refused(sine_store, tmp_path):
+    cfg, data = tiny(sine_store, tmp_path)
+    train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    cfg2, _ = tiny(sine_store, tmp_path, "model.prior_options={width=16, depth=1}")
+    with pytest.raises(UserError, match="does not fit this model"):
+        train_and_evaluate(cfg2, data, "warp", cfg2.model, tmp_path / "r", resume=True, progress=False)
