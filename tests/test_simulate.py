@@ -84,12 +84,14 @@ class Blowup(System):
         return p.a[..., None] * y**2
 
 
-def test_diverging_trajectory_names_system_index_params_and_time() -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # with 2, the last trajectory is in a forked worker
+def test_diverging_trajectory_names_system_index_params_and_time(workers: int, monkeypatch) -> None:
+    monkeypatch.setattr(sim, "MIN_WORKER_BATCH", 1)
     system = Blowup()
     y0 = torch.tensor([[-1.0], [0.1], [1.0]], dtype=torch.float64)  # only the last one blows up
     params = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64)
     with pytest.raises(DivergenceError) as info:
-        simulate(system, y0, params, system.times(), index_offset=40)
+        simulate(system, y0, params, system.times(), index_offset=40, workers=workers)
     message = str(info.value)
     assert "'blowup'" in message and "trajectory 42" in message and "a=1" in message
     assert "t=1 " in message or "t=0.99" in message
@@ -104,6 +106,19 @@ def test_vector_field_not_finite_at_start_is_a_divergence() -> None:
     y0 = torch.tensor([[3.0], [1.0]], dtype=torch.float64)
     with pytest.raises(DivergenceError, match="trajectory 1 .*initial state"):
         simulate(NanField(), y0, torch.ones(2, 1, dtype=torch.float64), NanField().times())
+
+
+def test_error_in_a_worker_process_reaches_the_caller(monkeypatch) -> None:
+    class Fails(Blowup):
+        def vector_field(self, t, y, p):
+            if bool(((t >= 0.5) & (y[..., 0] > 0.3)).any()):  # y = 0.7 exp(-t) gets there
+                raise ZeroDivisionError("the field failed")
+            return -y
+
+    monkeypatch.setattr(sim, "MIN_WORKER_BATCH", 1)
+    y0 = torch.tensor([[0.1], [0.7]], dtype=torch.float64)  # the worker gets the second
+    with pytest.raises(ZeroDivisionError, match="the field failed"):
+        simulate(Fails(), y0, torch.ones(2, 1, dtype=torch.float64), Blowup().times(), workers=2)
 
 
 def test_wrong_shape_vector_field_is_a_user_error() -> None:

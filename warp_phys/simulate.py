@@ -21,8 +21,12 @@ instead: one step size shared by the whole batch, so results depend on the batch
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import pickle
+import signal
+import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -39,8 +43,9 @@ DEFAULT_RTOL = 1e-8
 DEFAULT_ATOL = 1e-8
 TORCHDIFFEQ_PREFIX = "torchdiffeq:"
 MAX_STEPS = 200_000  # step attempts per trajectory before giving up (stiff or endless)
-MIN_WORKER_BATCH = 512  # trajectories per thread below which a second thread does not pay
+MIN_WORKER_BATCH = 512  # trajectories per worker below which a second one does not pay
 LANES = 64  # batches are padded to a multiple of this: >= 2 SIMD registers of float64 anywhere
+_CAN_FORK = sys.platform == "linux"  # workers are forked processes; elsewhere one process
 _SCAN_LIMIT = 32  # grid points one step may pass before they are counted by binary search
 
 Field = Callable[[Tensor, Tensor], Tensor]  # (t (B,), y (B, S)) -> dy/dt (B, S)
@@ -87,8 +92,9 @@ def simulate(
         rtol: relative tolerance.
         atol: absolute tolerance.
         index_offset: added to trajectory indices in error messages (the chunk's start).
-        workers: threads, each integrating a contiguous slice of at least `MIN_WORKER_BATCH`
-            trajectories (default: torch's thread count). The result does not depend on it.
+        workers: processes, each integrating a contiguous slice of at least `MIN_WORKER_BATCH`
+            trajectories (default: the available cores; Linux only, forked). The result does
+            not depend on it.
 
     Returns:
         ``(B, T, S)`` states, batch first.
@@ -229,9 +235,9 @@ class _Stuck(Exception):
 
 
 def _dop853_batched(system, y0, params, ts, rtol, atol, index_offset, workers) -> Tensor:
-    """Solve contiguous slices of the batch on threads; turn a stuck trajectory into an error."""
-    B = y0.shape[0]
-    n = max(1, min(workers or torch.get_num_threads(), B // MIN_WORKER_BATCH))
+    """Solve contiguous slices of the batch in parallel; turn a stuck trajectory into an error."""
+    B, S = y0.shape
+    n = max(1, min(workers or _available_cores(), B // MIN_WORKER_BATCH)) if _CAN_FORK else 1
     bounds = [(B * i // n, B * (i + 1) // n) for i in range(n)]
 
     def solve(lo: int, hi: int) -> Tensor:
@@ -248,12 +254,17 @@ def _dop853_batched(system, y0, params, ts, rtol, atol, index_offset, workers) -
 
     try:
         with _single_threaded_ops(), torch.inference_mode():
-            if n == 1:
-                parts = [solve(0, B)]
-            else:
-                with ThreadPoolExecutor(n) as pool:
-                    parts = list(pool.map(lambda b: solve(*b), bounds))
-            return torch.cat(parts, dim=1).transpose(0, 1).contiguous()  # (B, T, S)
+            shape = lambda lo, hi: (len(ts), hi - lo, S)  # noqa: E731
+            children = [_Child(solve, lo, hi, shape(lo, hi), y0.dtype) for lo, hi in bounds[1:]]
+            try:
+                parts = [solve(*bounds[0])] + [child.result() for child in children]
+            finally:
+                for child in children:
+                    child.kill()
+            ys = y0.new_empty(B, len(ts), S)
+            for (lo, hi), part in zip(bounds, parts, strict=True):
+                ys[lo:hi] = part.transpose(0, 1)  # (hi - lo, T, S): batch first again
+            return ys
     except _Stuck as e:
         state = ", ".join(f"{s}={float(v):.3g}" for s, v in zip(system.state, e.y, strict=True))
         raise DivergenceError(
@@ -263,10 +274,76 @@ def _dop853_batched(system, y0, params, ts, rtol, atol, index_offset, workers) -
         ) from None
 
 
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _Child:
+    """Run ``solve(lo, hi)`` in a forked process, which shares no GIL with us.
+
+    The result lands in an anonymous shared mapping made before the fork; a pipe brings back
+    ``None`` or the failure. Only used where fork is safe for torch (Linux).
+    """
+
+    def __init__(self, solve: Callable[[int, int], Tensor], lo: int, hi: int, shape, dtype) -> None:
+        self._buffer = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)  # MAP_SHARED
+        self.out = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            try:
+                os.close(read)
+                self.out.copy_(solve(lo, hi))
+                msg = None
+            except _Stuck as e:
+                msg = ("stuck", e.index, e.t, e.y.tolist(), e.why)
+            except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+                msg = ("error", e)
+            try:
+                os.write(write, _pickle(msg))
+            finally:
+                os._exit(0)
+        os.close(write)
+        self.pid: int | None = pid
+        self._read = read
+
+    def result(self) -> Tensor:
+        """Wait for the child; return its slice ``(T, n, S)`` or raise its failure."""
+        data = b"".join(iter(lambda: os.read(self._read, 1 << 16), b""))
+        self._reap()
+        if not data:
+            raise RuntimeError("a simulation worker process died without a result")
+        msg = pickle.loads(data)
+        if msg is None:
+            return self.out
+        if msg[0] == "stuck":
+            raise _Stuck(msg[1], msg[2], torch.tensor(msg[3]), msg[4])
+        raise msg[1]
+
+    def kill(self) -> None:
+        """Stop the child if it is still running (we failed first)."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            self._reap()
+
+    def _reap(self) -> None:
+        if self.pid is not None:
+            os.waitpid(self.pid, 0)
+            os.close(self._read)
+            self.pid = None
+
+
+def _pickle(msg) -> bytes:
+    try:
+        return pickle.dumps(msg)
+    except Exception:  # an unpicklable exception: keep its type name and message
+        return pickle.dumps(("error", RuntimeError(f"{type(msg[1]).__name__}: {msg[1]}")))
+
+
 @contextmanager
 def _single_threaded_ops():
     """Run each torch op on one thread: ops this small gain nothing from intra-op threads, and
-    splitting an op between threads would put lanes in the scalar remainder loops."""
+    splitting an op between threads would put lanes in scalar remainder loops."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
