@@ -180,6 +180,9 @@ class _ToyPhysicalRoot(AbstractRoot):
     def physical_params(self, theta, tau, y_prev):
         return {"k": theta[:, 0] + tau}
 
+    def penalty(self, theta, tau, y_prev):
+        return theta[:, 1] ** 2
+
 
 def test_physical_params_along_the_rollout():
     assert make_model().physical_params(data(), 4) == {}
@@ -187,6 +190,15 @@ def test_physical_params_along_the_rollout():
     got = model.physical_params(data(), 4)
     assert got["k"].shape == (3, T - 1)
     assert torch.allclose(got["k"][0], 1 + torch.arange(1, T, dtype=torch.float64) / (T - 1))
+
+
+def test_penalty_of_the_root_along_the_trajectory():
+    assert make_model().penalty(data()) is None  # black-box root: no penalty
+    model = WARP(root=_ToyPhysicalRoot(), state_dim=S, dt=0.1, init_state="learned").double()
+    pen = model.penalty(data())
+    assert pen.shape == (3, T - 1) and torch.allclose(pen, torch.ones_like(pen))
+    pen.sum().backward()
+    assert model.theta0.grad[1] > 0
 
 
 def test_loss_falls_on_a_small_sine_problem():

@@ -128,7 +128,7 @@ def scan_reference(op: LinearOp, u: Tensor, h0: Tensor | None = None) -> Tensor:
     return torch.stack(out, 1)  # (B, T, D)
 
 
-def _sequential(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
+def _sequential(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict) -> Tensor:
     out = torch.empty_like(u)
     h = h0
     for t in range(u.shape[1]):
@@ -137,7 +137,7 @@ def _sequential(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tenso
     return out
 
 
-def _chunked(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
+def _chunked(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict) -> Tensor:
     B, T, D = u.shape
     K = max(1, min(chunk, T))
     C = -(-T // K)
@@ -153,7 +153,9 @@ def _chunked(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
     h = torch.zeros_like(u[:, 0]) if h0 is None else h0
     starts[:, 0] = h
     if C > 1:
-        AK = power(op, K)
+        if K not in powers:  # A^K costs log2(K) D x D products: computed once per forward
+            powers[K] = power(op, K)
+        AK = powers[K]
         for c in range(1, C):
             h = AK.apply(h) + s[:, c - 1]
             starts[:, c] = h
@@ -166,18 +168,18 @@ def _chunked(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
     return out.view(B, C * K, D)[:, :T]
 
 
-def _doubling(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int) -> Tensor:
+def _doubling(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict) -> Tensor:
     T = u.shape[1]
     h = u.clone()
     if h0 is not None:
         h[:, 0] += op.apply(h0)
-    shift, Ap = 1, op
+    shift = 1
     while shift < T:
+        if shift not in powers:  # kept for the backward: log2(T) D x D matrices
+            powers[shift] = op if shift == 1 else powers[shift // 2].compose(powers[shift // 2])
         # h_t <- h_t + A^shift h_{t-shift}: after this level h_t sums 2*shift inputs
-        h = torch.cat((h[:, :shift], h[:, shift:] + Ap.apply(h[:, :-shift])), 1)
+        h = torch.cat((h[:, :shift], h[:, shift:] + powers[shift].apply(h[:, :-shift])), 1)
         shift *= 2
-        if shift < T:
-            Ap = Ap.compose(Ap)
     return h
 
 
@@ -188,8 +190,10 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, algo, chunk, op_type, u, h0, *tensors):
         op = op_type(*tensors)
-        h = _ALGOS[algo](op, u, h0, chunk)
+        powers: dict[int, LinearOp] = {}
+        h = _ALGOS[algo](op, u, h0, chunk, powers)
         ctx.algo, ctx.chunk, ctx.op_type, ctx.has_h0 = algo, chunk, op_type, h0 is not None
+        ctx.powers = powers  # (A^k)ᵀ = (Aᵀ)^k: the backward reuses them
         ctx.save_for_backward(h, *(() if h0 is None else (h0,)), *tensors)
         return h
 
@@ -201,7 +205,8 @@ class _LinearScan(torch.autograd.Function):
         op = ctx.op_type(*rest)
         opT = op.transpose()
         # adjoint: g_t = dL/dh_t + Aᵀ g_{t+1}, the same recurrence backwards in time
-        g = _ALGOS[ctx.algo](opT, gh.flip(1), None, ctx.chunk).flip(1)  # (B, T, D)
+        powers = {k: p.transpose() for k, p in ctx.powers.items()}
+        g = _ALGOS[ctx.algo](opT, gh.flip(1), None, ctx.chunk, powers).flip(1)  # (B, T, D)
         first = torch.zeros_like(h[:, :1]) if h0 is None else h0.unsqueeze(1)
         h_prev = torch.cat((first, h[:, :-1]), 1)  # (B, T, D)
         grads = op.param_grads(g, h_prev) if any(ctx.needs_input_grad[5:]) else (None,) * len(rest)
@@ -210,27 +215,57 @@ class _LinearScan(torch.autograd.Function):
 
 
 def default_chunk(T: int) -> int:
-    """Chunk length that minimises the step count 2K + T/K of the chunked scan."""
-    return max(1, round(math.sqrt(T / 2)))
+    """Chunk length near the minimiser sqrt(T/2) of the step count 2K + T/K, a power of two
+    so that A^K takes only log2(K) squarings."""
+    return 2 ** max(0, round(math.log2(math.sqrt(T / 2)))) if T > 1 else 1
+
+
+# Cost model of `choose_method`, per device type. rows: a D x D product with fewer rows than
+# this costs as much as this many (memory- or launch-bound). overhead: per elementwise step,
+# the cost of that many elements (kernel launches). CPU: fitted on 2 cores
+# (benchmarks/results/scan_cpu.md). CUDA: estimates for an H100, to be measured.
+COST = {"cpu": {"rows": 64, "overhead": 4e3}, "cuda": {"rows": 512, "overhead": 1e6}}
+
+
+def scan_costs(op: LinearOp, B: int, T: int, D: int, device: torch.device) -> dict[str, float]:
+    """Return the modelled cost of each algorithm (D x D row-products, or elements)."""
+    c = COST.get(device.type, COST["cpu"])
+    K = default_chunk(T)
+    C = -(-T // K)
+    levels = max(1, math.ceil(math.log2(T)))
+    if isinstance(op, DenseOp):
+
+        def step(rows: int) -> float:
+            return max(rows, c["rows"]) * D * D
+
+        return {
+            "sequential": T * step(B),
+            "chunked": 2 * K * step(B * C) + C * step(B) + math.log2(K) * D**3,
+            "doubling": levels * (step(B * T) + D**3),
+        }
+
+    def step(n: int) -> float:
+        return c["overhead"] + n
+
+    return {
+        "sequential": T * step(B * D),
+        "chunked": 2 * K * step(B * C * D) + C * step(B * D),
+        "doubling": levels * step(B * T * D),
+    }
 
 
 def choose_method(op: LinearOp, B: int, T: int, D: int, device: torch.device) -> str:
-    """Pick the fastest exact algorithm for this shape and device.
+    """Pick the algorithm with the lowest modelled cost for this shape and device.
 
-    CPU (2 cores, benchmarks/results/scan_cpu.md): a dense product with few rows per step
-    is memory-bound, so the chunked scan's wider products win while the batch is small
-    relative to D; with many rows the loop is already compute-bound and its half-the-flops
-    wins. The elementwise (block-diagonal) loop is cheap per step and wins when the rows are
-    wide. CUDA: the loop is launch-bound; these thresholds are provisional until the GPU
-    benchmark measures them.
+    A dense step with few rows is memory-bound on a CPU and launch-bound on a GPU, so the
+    chunked scan's fewer, wider products win for small batches, and the loop (half the
+    flops, no D^3 powers) wins for wide batches or large D. Elementwise steps are cheap:
+    the loop wins unless per-step overhead dominates (tiny B * D, or any GPU).
     """
-    if T < 16:
+    if T < 8:  # nothing to gain
         return "sequential"
-    if device.type == "cuda":
-        return "chunked" if B * T >= 4 * D or isinstance(op, BlockDiagOp) else "sequential"
-    if isinstance(op, DenseOp):
-        return "chunked" if B <= 16 and T >= 64 and D <= 2048 else "sequential"
-    return "chunked" if B * D <= 4096 else "sequential"
+    costs = scan_costs(op, B, T, D, device)
+    return min(costs, key=costs.get)
 
 
 def scan(

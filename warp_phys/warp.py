@@ -176,13 +176,15 @@ class WARP(nn.Module):
         theta0 = self.initial_state(ys[:, 0])  # (B, Dp)
         L = min(context, T - 1)  # steps t < L are fed with ground truth
 
-        # teacher-forced steps, all at once: h_t = A h_{t-1} + B Δy_t for t = 1..L-1
-        theta, delta = theta0.unsqueeze(1), None  # (B, 1, Dp)
-        if L > 1:
-            u = self._drive(ys[:, 1:L] - ys[:, : L - 1], dtau)  # (B, L-1, Dp)
-            hs = scan(op, u, None if self.anchored else theta0, method=self.scan_method)
-            delta = hs[:, -1] if self.anchored else None
-            theta = torch.cat((theta, theta0.unsqueeze(1) + hs if self.anchored else hs), 1)
+        # teacher-forced steps t < L, all at once. θ_0 enters as the first input (or δ_0 = 0),
+        # so the scan returns the whole θ trajectory without a second (B, L, Dp) copy
+        u = self._drive(ys[:, 1:L] - ys[:, : L - 1], dtau)  # (B, L-1, Dp): B Δy_t, t = 1..L-1
+        if self.anchored:
+            delta = scan(op, F.pad(u, (0, 0, 1, 0)), method=self.scan_method)  # (B, L, Dp)
+            theta = theta0.unsqueeze(1) + delta
+            delta = delta[:, -1]
+        else:
+            theta = scan(op, torch.cat((theta0.unsqueeze(1), u), 1), method=self.scan_method)
         mean, std = self._root(
             theta.reshape(B * L, -1), tau[:L].repeat(B), ys[:, :L].reshape(B * L, S)
         )
@@ -191,8 +193,6 @@ class WARP(nn.Module):
 
         # forecast steps, one at a time: the input depends on the previous prediction
         th, x_prev, m = theta[:, -1], ys[:, L - 1], means[0][:, -1]
-        if self.anchored and delta is None:
-            delta = torch.zeros_like(theta0)
         for t in range(L, T - 1):
             x = feed(ys[:, t], m, teacher_prob, generator)  # (B, S)
             if not self.hold_after_context:
@@ -262,15 +262,26 @@ class WARP(nn.Module):
         """
         if type(self.root).physical_params is AbstractRoot.physical_params:
             return {}
+        (B, T1), args = self._per_step(ys, context)
+        return {k: v.view(B, T1) for k, v in self.root.physical_params(*args).items()}
+
+    def penalty(self, ys: Tensor) -> Tensor | None:
+        """Return the root's penalty (e.g. a hybrid residual's size) along the teacher-forced
+        trajectory, ``(B, T-1)``, or None when the root has no `penalty`."""
+        fn = getattr(self.root, "penalty", None)
+        if fn is None:
+            return None
+        (B, T1), args = self._per_step(ys, ys.shape[1])
+        return fn(*args).view(B, T1)
+
+    def _per_step(self, ys: Tensor, context: int) -> tuple[tuple[int, int], tuple]:
+        """Return (B, T-1) and the root's per-step arguments θ_t ``(N, Dθ)``, τ_{t+1} ``(N,)``,
+        x_t ``(N, S)`` along the rollout, N = B (T-1)."""
         traj = self._run(ys, context, 0.0, None, keep=True)
         B, T1, S = traj.fed.shape
-        tau = torch.arange(1, T1 + 1, device=ys.device, dtype=ys.dtype) / T1
-        got = self.root.physical_params(
-            traj.theta.reshape(B * T1, -1)[:, : self.n_weights],
-            tau.repeat(B),
-            traj.fed.reshape(B * T1, S),
-        )
-        return {k: v.view(B, T1) for k, v in got.items()}
+        tau = torch.arange(1, T1 + 1, device=ys.device, dtype=ys.dtype) / T1  # (T-1,)
+        theta = traj.theta.reshape(B * T1, -1)[:, : self.n_weights]
+        return (B, T1), (theta, tau.repeat(B), traj.fed.reshape(B * T1, S))
 
     def n_params(self) -> int:
         """Return the number of trainable parameters (padding not counted)."""
