@@ -68,6 +68,7 @@ class TrainConfig:
     eval_every: int = 100  # steps between validation forecasts (model selection on val)
     n_val_eval: int = 256  # validation trajectories used for selection
     device: str = "cpu"  # cpu | cuda
+    threads: int = 1  # torch CPU threads; 1 is fastest for small models on a shared machine, 0 = torch's default
     seed: int = 0  # model init, batches, teacher forcing
 
 

@@ -65,7 +65,7 @@ def evaluate_run(run_dir: Path, *, cfg: RunConfig | None = None, data: Dataset |
     """Evaluate a run's best checkpoint on test and test_ood; write metrics.json; return results."""
     loaded_cfg, label, _, data, model = load_run(run_dir, data)
     cfg = cfg or loaded_cfg
-    dev = resolve_device(device or cfg.train.device)
+    dev = resolve_device(cfg.train, device)
     model.to(dev)
     L = cfg.data.context
     results, preds = {}, {}

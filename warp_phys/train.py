@@ -31,11 +31,16 @@ from warp_phys.optim import Optimiser
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(tcfg: TrainConfig, name: str | None = None) -> torch.device:
+    """Return the torch device of a run (and set the CPU thread count it asks for)."""
+    name = name or tcfg.device
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA was asked for (--device cuda) but torch sees no GPU here; use --device cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"unknown device {name!r}; use cpu or cuda")
+    if tcfg.threads > 0:
+        # small models on a busy 2-core machine: a second OpenMP thread costs up to 10x
+        torch.set_num_threads(tcfg.threads)
     return torch.device(name)
 
 
@@ -122,7 +127,7 @@ def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfi
           resume: bool = False, progress: bool = True) -> dict:
     """Train one model on `data`; write checkpoints, history and summary to `run_dir`."""
     tcfg, mcfg = cfg.train, model_cfg or cfg.model
-    device = resolve_device(tcfg.device)
+    device = resolve_device(tcfg)
     check_context(cfg.data.context, data.n_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tcfg.seed)
