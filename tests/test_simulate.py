@@ -49,6 +49,15 @@ def test_solver_arithmetic_is_elementwise_without_padding(monkeypatch) -> None:
         assert torch.equal(simulate(system, y0[lo:hi], params[lo:hi], ts), whole[lo:hi])
 
 
+def test_result_is_an_ordinary_tensor_usable_with_autograd() -> None:
+    system, y0, params = _sample("msd", n=3)
+    ys = simulate(system, y0, params, system.times())
+    assert not ys.is_inference()
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    (ys * w).sum().backward()  # would fail for an inference-mode tensor
+    assert w.grad is not None
+
+
 def test_saved_grid_starts_at_the_initial_state() -> None:
     system, y0, params = _sample("pendulum", n=5)
     ys = simulate(system, y0, params, system.times())
@@ -141,6 +150,7 @@ def test_wrong_shape_vector_field_is_a_user_error() -> None:
         ({"method": "rk45"}, "unknown integration method 'rk45'.*dop853"),
         ({"method": "torchdiffeq:nope"}, "dopri5"),
         ({"rtol": 0.0}, "rtol must be a positive"),
+        ({"y0": torch.full((2, 1), 0.5), "params": torch.ones(2, 1)}, "finer than float32"),
     ],
 )
 def test_bad_arguments_are_user_errors(kwargs: dict, match: str) -> None:

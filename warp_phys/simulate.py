@@ -8,11 +8,15 @@ size and accept/reject decision, so the batch never marches at its hardest membe
 and the saved grid is read off the dense output without shortening any step.
 
 Bitwise reproducibility: every floating-point operation is elementwise over trajectories
-(the error norm is an explicit sum over the state, never a reduction whose order could
-depend on the batch shape), ops run single-threaded, and each batch is padded to a whole
-number of SIMD blocks so that every lane of every op, ours and the vector field's, runs the
-same vectorised code. One trajectory's bytes therefore do not depend on which trajectories
-share its batch: a store written in chunks of any size holds the same numbers.
+(stage sums accumulate in stage order, the error norm is an explicit sum over the state:
+never a reduction whose order could depend on the batch shape), ops run single-threaded,
+and each batch is padded to a whole number of SIMD blocks so that every lane of every op,
+ours and the vector field's, runs the same vectorised code. One trajectory's bytes
+therefore do not depend on which trajectories share its batch: a store written in chunks of
+any size holds the same numbers. (They may differ between machines and torch versions.)
+
+Speed: one Python-level op covers the whole batch, so the per-step cost is a few hundred
+tensor ops whatever the batch; large batches are split between forked worker processes.
 
 ``method="torchdiffeq:<name>"`` (e.g. ``"torchdiffeq:dopri5"``) integrates with torchdiffeq
 instead: one step size shared by the whole batch, so results depend on the batch.
@@ -29,6 +33,7 @@ import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torchdiffeq
 from scipy.integrate._ivp import dop853_coefficients as _dop853
@@ -43,7 +48,7 @@ DEFAULT_RTOL = 1e-8
 DEFAULT_ATOL = 1e-8
 TORCHDIFFEQ_PREFIX = "torchdiffeq:"
 MAX_STEPS = 200_000  # step attempts per trajectory before giving up (stiff or endless)
-MIN_WORKER_BATCH = 512  # trajectories per worker below which a second one does not pay
+MIN_WORKER_BATCH = 1024  # trajectories per worker below which a second one does not pay
 LANES = 64  # batches are padded to a multiple of this: >= 2 SIMD registers of float64 anywhere
 _CAN_FORK = sys.platform == "linux"  # workers are forked processes; elsewhere one process
 _SCAN_LIMIT = 32  # grid points one step may pass before they are counted by binary search
@@ -51,17 +56,22 @@ _SCAN_LIMIT = 32  # grid points one step may pass before they are counted by bin
 Field = Callable[[Tensor, Tensor], Tensor]  # (t (B,), y (B, S)) -> dy/dt (B, S)
 
 
-# --- DOP853 tableau, as scipy ships it, zero coefficients dropped ----------------------------
-def _row(coeffs) -> tuple[tuple[int, float], ...]:
-    return tuple((j, float(c)) for j, c in enumerate(coeffs) if c != 0)
-
-
+# --- DOP853 tableau, as scipy ships it ---------------------------------------------------------
+# Every linear combination of the stages K_0..K_15 a step needs, one row each: the inputs of
+# stages 1..11, y_new (weights B), the error estimates E5 and E3, the inputs of the dense-output
+# stages 13..15 and the dense-output coefficients D0..D3. In this order each K_j feeds one
+# contiguous block of rows, so a single multiply-add per stage updates all the sums using it.
 _N = _dop853.N_STAGES  # 12 stages; K[12] = f(t + h, y_new) is also the next step's K[0]
-_A = tuple(_row(_dop853.A[s, :s]) for s in range(_dop853.N_STAGES_EXTENDED))  # 16 rows
+_ROWS = np.zeros((21, _dop853.N_STAGES_EXTENDED))
+_ROWS[:11] = _dop853.A[1:_N]
+_ROWS[11, :_N] = _dop853.B
+_ROWS[12, : _N + 1], _ROWS[13, : _N + 1] = _dop853.E5, _dop853.E3
+_ROWS[14:17] = _dop853.A[_N + 1 :]
+_ROWS[17:] = _dop853.D
+_ROW_OF_STAGE = {s: s - 1 for s in range(1, _N)} | {13: 14, 14: 15, 15: 16}
+_ROW_Y_NEW, _ROW_E5, _ROW_E3, _ROW_D = 11, 12, 13, 17
+_SPANS = tuple((int(nz.min()), int(nz.max()) + 1) for nz in (np.flatnonzero(c) for c in _ROWS.T))
 _C = tuple(float(c) for c in _dop853.C)
-_B = _row(_dop853.B)
-_E5, _E3 = _row(_dop853.E5), _row(_dop853.E3)
-_D = tuple(_row(d) for d in _dop853.D)
 _SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0  # scipy's step-size controller
 
 
@@ -105,6 +115,7 @@ def simulate(
     """
     y0, params, ts = _check_inputs(system, y0, params, ts)
     integrator_attrs(method, rtol, atol)  # validates method and tolerances
+    _check_tolerance(rtol, y0.dtype)
     native = not method.startswith(TORCHDIFFEQ_PREFIX)
     _check_field(system, y0, params, ts[:1].expand(len(y0)) if native else ts[0])
     if native:
@@ -195,6 +206,15 @@ def _check_inputs(system: System, y0, params, ts) -> tuple[Tensor, Tensor, Tenso
     return y0.contiguous(), params.to(y0.dtype).contiguous(), ts
 
 
+def _check_tolerance(rtol: float, dtype: torch.dtype) -> None:
+    floor = 10 * torch.finfo(dtype).eps
+    if rtol < floor:
+        raise UserError(
+            f"rtol={rtol:g} is finer than {str(dtype).removeprefix('torch.')} resolves; "
+            f"use float64 states or rtol >= {floor:.1g}"
+        )
+
+
 def _check_field(system: System, y0: Tensor, params: Tensor, t: Tensor) -> None:
     with torch.no_grad():
         dy = system.vector_field(t, y0, system.view(params))
@@ -237,7 +257,8 @@ class _Stuck(Exception):
 def _dop853_batched(system, y0, params, ts, rtol, atol, index_offset, workers) -> Tensor:
     """Solve contiguous slices of the batch in parallel; turn a stuck trajectory into an error."""
     B, S = y0.shape
-    n = max(1, min(workers or _available_cores(), B // MIN_WORKER_BATCH)) if _CAN_FORK else 1
+    n = max(1, min(workers or _available_cores(), B // MIN_WORKER_BATCH))
+    n = n if _CAN_FORK and y0.device.type == "cpu" else 1  # CUDA does not survive a fork
     bounds = [(B * i // n, B * (i + 1) // n) for i in range(n)]
 
     def solve(lo: int, hi: int) -> Tensor:
@@ -261,10 +282,6 @@ def _dop853_batched(system, y0, params, ts, rtol, atol, index_offset, workers) -
             finally:
                 for child in children:
                     child.kill()
-            ys = y0.new_empty(B, len(ts), S)
-            for (lo, hi), part in zip(bounds, parts, strict=True):
-                ys[lo:hi] = part.transpose(0, 1)  # (hi - lo, T, S): batch first again
-            return ys
     except _Stuck as e:
         state = ", ".join(f"{s}={float(v):.3g}" for s, v in zip(system.state, e.y, strict=True))
         raise DivergenceError(
@@ -272,6 +289,10 @@ def _dop853_batched(system, y0, params, ts, rtol, atol, index_offset, workers) -
             f"({_describe_params(system, params[e.index])}) cannot be continued past "
             f"t={e.t:.6g} ({e.why}; state {state}); narrow the parameter ranges or the time span"
         ) from None
+    ys = y0.new_empty(B, len(ts), S)  # outside inference mode: an ordinary tensor
+    for (lo, hi), part in zip(bounds, parts, strict=True):
+        ys[lo:hi] = part.transpose(0, 1)  # (hi - lo, T, S): batch first again
+    return ys
 
 
 def _available_cores() -> int:
@@ -352,15 +373,6 @@ def _single_threaded_ops():
         torch.set_num_threads(n)
 
 
-def _lincomb(coeffs: tuple[tuple[int, float], ...], K: list[Tensor]) -> Tensor:
-    """Return sum_j c_j K_j, accumulated in index order."""
-    (j0, c0), *rest = coeffs
-    acc = K[j0] * c0
-    for j, c in rest:
-        acc.add_(K[j], alpha=c)
-    return acc
-
-
 def _sum_state(x: Tensor) -> Tensor:
     """Sum ``(B, S)`` over the state by explicit adds in column order: ``(B,)``."""
     cols = x.unbind(-1)
@@ -368,6 +380,10 @@ def _sum_state(x: Tensor) -> Tensor:
     for c in cols[1:]:
         acc += c
     return acc
+
+
+def _sum_squares(x: Tensor) -> Tensor:
+    return _sum_state(x * x)
 
 
 def _root8(x: Tensor) -> Tensor:
@@ -379,35 +395,48 @@ def _initial_step(f: Field, t0: Tensor, y0: Tensor, f0: Tensor, span: Tensor, rt
     """Per-trajectory first step (Hairer et al., sec. II.4; scipy's `select_initial_step`)."""
     S = y0.shape[1]
     scale = atol + y0.abs() * rtol
-    d0 = (_sum_state((y0 / scale) ** 2) / S).sqrt()
-    d1 = (_sum_state((f0 / scale) ** 2) / S).sqrt()
+    d0 = (_sum_squares(y0 / scale) / S).sqrt()
+    d1 = (_sum_squares(f0 / scale) / S).sqrt()
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
     h0 = torch.minimum(h0, span)
     f1 = f(t0 + h0, y0 + h0[:, None] * f0)
-    d2 = (_sum_state(((f1 - f0) / scale) ** 2) / S).sqrt() / h0
+    d2 = (_sum_squares((f1 - f0) / scale) / S).sqrt() / h0
     tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
     h1 = torch.where(tiny, torch.clamp(h0 * 1e-3, min=1e-6), _root8(0.01 / torch.fmax(d1, d2)))
     return torch.fmin(torch.fmin(100 * h0, h1), span)  # fmin/fmax: a NaN from f1 is ignored
 
 
-def _stages(f: Field, tc: Tensor, y: Tensor, f0: Tensor, hS: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Return the 13 stages ``K`` (``K[12] = f(t + h, y_new)``) and ``y_new`` of one step.
+def _stage_sums(dtype, device) -> list[Tensor]:
+    """Column j of `_ROWS`, restricted to the rows K_j feeds: ``(rows, 1, 1)`` each."""
+    M = torch.tensor(_ROWS, dtype=dtype, device=device)[:, :, None, None]  # (21, 16, 1, 1)
+    return [M[lo:hi, j] for j, (lo, hi) in enumerate(_SPANS)]
+
+
+def _push(K: list[Tensor], acc: Tensor, cols: list[Tensor], k: Tensor) -> None:
+    """Append stage ``k (B, S)`` and add its multiples to the running sums ``acc (21, B, S)``."""
+    lo, hi = _SPANS[len(K)]
+    acc[lo:hi] += cols[len(K)] * k  # summed in stage order: elementwise, lane by lane
+    K.append(k)
+
+
+def _stages(f: Field, tc: Tensor, y, f0, hS, cols) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Return the stages ``K[:13]`` of one step, their running sums ``acc`` and ``y_new``.
 
     ``tc (16, B)`` are the stage times t + c_s h and ``hS (B, S)`` the step per trajectory.
     """
-    K = [f0]
+    K, acc = [f0], cols[0] * f0  # (21, B, S): K_0 feeds every row
     for s in range(1, _N):
-        K.append(f(tc[s], y + _lincomb(_A[s], K) * hS))
-    y_new = y + _lincomb(_B, K) * hS
-    K.append(f(tc[_N], y_new))
-    return K, y_new
+        _push(K, acc, cols, f(tc[s], y + acc[_ROW_OF_STAGE[s]] * hS))
+    y_new = y + acc[_ROW_Y_NEW] * hS
+    _push(K, acc, cols, f(tc[_N], y_new))
+    return K, acc, y_new
 
 
-def _error_norm(K: list[Tensor], h: Tensor, y: Tensor, y_new: Tensor, rtol, atol) -> Tensor:
+def _error_norm(acc: Tensor, h: Tensor, y: Tensor, y_new: Tensor, rtol, atol) -> Tensor:
     """Per-trajectory error norm (scipy's `DOP853._estimate_error_norm`): ``(B,)``."""
     scale = atol + torch.maximum(y.abs(), y_new.abs()) * rtol
-    e5 = _sum_state((_lincomb(_E5, K) / scale) ** 2)
-    e3 = _sum_state((_lincomb(_E3, K) / scale) ** 2)
+    e5 = _sum_squares(acc[_ROW_E5] / scale)
+    e3 = _sum_squares(acc[_ROW_E3] / scale)
     err = h * e5 / ((e5 + 0.01 * e3) * y.shape[1]).sqrt()
     return torch.where((e5 == 0) & (e3 == 0), 0.0, err)
 
@@ -420,13 +449,13 @@ def _step_factor(err: Tensor, ok: Tensor, retry: Tensor) -> Tensor:
     return torch.where(ok, grow, shrink)
 
 
-def _dense_coeffs(f: Field, tc: Tensor, y, y_new, K: list[Tensor], hS: Tensor) -> list[Tensor]:
+def _dense_coeffs(f: Field, tc, y, y_new, K, acc, cols, hS) -> list[Tensor]:
     """Return F0..F6 of the 7th-order continuous extension (3 more stages; scipy's layout)."""
     for s in range(_N + 1, len(_C)):
-        K.append(f(tc[s], y + _lincomb(_A[s], K) * hS))
+        _push(K, acc, cols, f(tc[s], y + acc[_ROW_OF_STAGE[s]] * hS))
     dy = y_new - y
     F = [dy, K[0] * hS - dy, 2 * dy - (K[_N] + K[0]) * hS]
-    return F + [_lincomb(d, K) * hS for d in _D]
+    return F + list((acc[_ROW_D:] * hS).unbind(0))
 
 
 def _dense_eval(F: list[Tensor], y: Tensor, x: Tensor) -> Tensor:
@@ -469,6 +498,7 @@ def _dop853(f: Field, y0: Tensor, ts: Tensor, rtol: float, atol: float) -> Tenso
     h = _initial_step(f, t, y, fy, t_end - t, rtol, atol)
     dt_min = float((ts[1:] - ts[:-1]).min()) if T > 1 else math.inf
     C = torch.tensor(_C, dtype=y0.dtype, device=y0.device)[:, None]  # (16, 1)
+    cols = _stage_sums(y0.dtype, y0.device)
     rows = torch.arange(B, device=y0.device)
     nxt = torch.ones(B, dtype=torch.long, device=y0.device)  # next grid index to save
     done = nxt >= T
@@ -486,12 +516,12 @@ def _dop853(f: Field, y0: Tensor, ts: Tensor, rtol: float, atol: float) -> Tenso
         h = t_new - t  # (B,) the step actually attempted; 0 once a trajectory is done
         hS = h[:, None].expand(B, S).contiguous()  # (B, S)
         tc = t + C * h  # (16, B) stage times
-        K, y_new = _stages(f, tc, y, fy, hS)
-        err = _error_norm(K, h, y, y_new, rtol, atol)
+        K, acc, y_new = _stages(f, tc, y, fy, hS, cols)
+        err = _error_norm(acc, h, y, y_new, rtol, atol)
         ok = (err < 1) & torch.isfinite(_sum_state(y_new)) & ~done
         n_pass = _points_passed(ts, dt_min, nxt, t_new, h, ok)  # (B,)
         if (p := int(n_pass.max())) > 0:
-            F = _dense_coeffs(f, tc, y, y_new, K, hS)
+            F = _dense_coeffs(f, tc, y, y_new, K, acc, cols, hS)
             j = nxt + torch.arange(p, device=y0.device)[:, None]  # (P, B) grid indices
             x = (ts.take(j.clamp(max=T - 1)) - t) / h  # (P, B) fractions of the step
             dest = torch.where(j < nxt + n_pass, j, T) * B + rows  # (P, B) rows of `out`
