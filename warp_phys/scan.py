@@ -26,15 +26,29 @@ adjoint is the same recurrence run backwards with Aᵀ, and dL/dA is one batched
   whole sequence): the fewest steps, log2(T) times the loop's flops.
 
 `scan(...)` picks one (`method="auto"`, see `choose_method`).
+
+Precision of the dense products (`precision=`, float32 states only; float64 is always exact):
+``fp32`` (IEEE, also when TF32 is switched on globally), ``tf32``, ``bf16``, ``fp16``. Only
+the product h Rᵀ is reduced: the identity part of A = I + R is added exactly, and products
+accumulate and return in float32 (fp16 with R scaled by a power of two into its range).
+The error of a reduced product is relative to the operand, so the loops multiply the change
+of the state since an anchor a, h Rᵀ = a Rᵀ + (h - a) Rᵀ, with a Rᵀ computed once in IEEE
+float32: the state moves little per step while A is near I, so the rounded operand is small.
+On a CPU there are no TF32/bf16/fp16 matrix units: the rounding of the operands is
+emulated (float32 products of rounded operands), for tests; the CPU default is fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 METHODS = ("auto", "sequential", "chunked", "doubling")
 
@@ -56,10 +70,10 @@ class DenseOp(NamedTuple):
         """Return self∘other = (I + R)(I + S) = I + R + S + RS, in residual form."""
         return DenseOp(torch.addmm(self.R + other.R, self.R, other.R))
 
-    def param_grads(self, g: Tensor, h_prev: Tensor) -> tuple[Tensor]:
-        """dL/dR = Σ_{b,t} g_{bt} h_prev_{bt}ᵀ, one product."""
+    def param_grads(self, g: Tensor, h_prev: Tensor, precision: str = "fp32") -> tuple[Tensor]:
+        """dL/dR = Σ_{b,t} g_{bt} h_prev_{bt}ᵀ, one product (at `precision`, float32 sum)."""
         D = g.shape[-1]
-        return (g.reshape(-1, D).mT @ h_prev.reshape(-1, D),)  # (D, D)
+        return (matmul(g.reshape(-1, D).mT, h_prev.reshape(-1, D), precision),)  # (D, D)
 
 
 class BlockDiagOp(NamedTuple):
@@ -90,8 +104,10 @@ class BlockDiagOp(NamedTuple):
         b = self.a * other.b + self.b * other.a
         return BlockDiagOp(a, b, self.c * other.c)
 
-    def param_grads(self, g: Tensor, h_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Sum over batch and time of the elementwise products that make A h."""
+    def param_grads(
+        self, g: Tensor, h_prev: Tensor, precision: str = "fp32"
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Sum over batch and time of the elementwise products that make A h (float32)."""
         P = self.a.shape[0]
         D = g.shape[-1]
         g2, h2 = g.reshape(-1, D), h_prev.reshape(-1, D)  # (N, D)
@@ -104,6 +120,162 @@ class BlockDiagOp(NamedTuple):
 
 
 LinearOp = DenseOp | BlockDiagOp
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+_LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_PEAK = 2.0**8  # fp16 copies of R are scaled so that max |R| lands near this
+
+
+def grad_precision(precision: str) -> str:
+    """Return the precision of backward products: fp16 has too little range for gradients."""
+    return "bf16" if precision == "fp16" else precision
+
+
+class _Fp32Mode(contextlib.AbstractContextManager):
+    """Set CUDA's float32 matmul mode ("ieee" or "tf32") for a block, then restore it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __enter__(self):
+        m = torch.backends.cuda.matmul
+        try:
+            self.old = ("new", m.fp32_precision)
+            m.fp32_precision = self.mode
+        except (AttributeError, RuntimeError):  # torch < 2.9, or the legacy flag in use
+            self.old = ("legacy", m.allow_tf32)
+            m.allow_tf32 = self.mode == "tf32"
+        return self
+
+    def __exit__(self, *exc):
+        api, value = self.old
+        if api == "new":
+            torch.backends.cuda.matmul.fp32_precision = value
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = value
+        return False
+
+
+def _mode(precision: str, t: Tensor):
+    if not t.is_cuda:
+        return contextlib.nullcontext()
+    return _Fp32Mode("tf32" if precision == "tf32" else "ieee")
+
+
+def _round_tf32(x: Tensor) -> Tensor:
+    """Round float32 to TF32's 10 mantissa bits (nearest): CPU emulation of TF32 operands."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+_MM_OUT_DTYPE: list[bool] = []  # whether torch.mm(..., out_dtype=float32) works here
+
+
+def _mm_low(a: Tensor, b: Tensor) -> Tensor:
+    """Return a @ b in float32 for bf16/fp16 operands (float32 accumulation and result)."""
+    differentiable = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if a.is_cuda and not differentiable and _MM_OUT_DTYPE != [False]:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError) as err:
+            log.warning("torch.mm(out_dtype=float32) unavailable (%s): emulating", err)
+            _MM_OUT_DTYPE[:] = [False]
+        else:
+            _MM_OUT_DTYPE[:] = [True]
+            return out
+    return a.float() @ b.float()  # exact products of the rounded operands, float32 sums
+
+
+def matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
+    """Return a @ b for float32 a ``(N, K)``, b ``(K, M)`` at `precision` (fp16 -> bf16:
+    no scaling for arbitrary operands), accumulated in float32."""
+    if a.dtype != torch.float32 or precision in ("fp32", "tf32"):
+        if precision == "tf32" and not a.is_cuda and a.dtype == torch.float32:
+            return _round_tf32(a) @ _round_tf32(b)
+        with _mode(precision, a):
+            return a @ b
+    dtype = _LOW[grad_precision(precision)]
+    if a.is_cuda:
+        return _mm_low(a.to(dtype), b.to(dtype))
+    return a.to(dtype).float() @ b.to(dtype).float()
+
+
+class Anchor(NamedTuple):
+    """A reference state a and its exact product c = a Rᵀ (see the module docstring)."""
+
+    a: Tensor
+    c: Tensor
+
+
+class Residual:
+    """A = I + R prepared for repeated products h ↦ A h at one precision."""
+
+    def __init__(self, R: Tensor, precision: str) -> None:
+        self.R = R
+        self.precision = precision if R.dtype == torch.float32 else "fp32"
+        self.low = self.inv = None
+        if self.precision in _LOW:
+            R32 = R
+            if self.precision == "fp16":  # a power of two: the scaling is exact
+                amax = R.detach().abs().amax()
+                e = torch.floor(torch.log2(FP16_PEAK / amax)).clamp(-60, 60)
+                scale = torch.where(amax > 0, torch.exp2(e), torch.ones_like(amax))
+                R32, self.inv = R * scale, 1.0 / scale
+            self.low = R32.to(_LOW[self.precision])
+            if not R.is_cuda:
+                self.low = self.low.float()
+        elif self.precision == "tf32" and not R.is_cuda:
+            self.low = _round_tf32(R)
+
+    def product(self, h: Tensor) -> Tensor:
+        """Return h Rᵀ ``(N, D)`` for h ``(N, D)`` at this precision, in h's dtype."""
+        if self.low is None:
+            with _mode(self.precision, h):
+                return h @ self.R.mT
+        if self.precision == "tf32":  # CPU emulation
+            return _round_tf32(h) @ self.low.mT
+        hl = h.to(_LOW[self.precision])
+        out = _mm_low(hl, self.low.mT) if h.is_cuda else hl.float() @ self.low.mT
+        return out if self.inv is None else out.mul_(self.inv)
+
+    def accurate(self, h: Tensor) -> Tensor:
+        """Return h Rᵀ in IEEE float32 (or float64)."""
+        with _mode("fp32", h):
+            return h @ self.R.mT
+
+    def anchor(self, a: Tensor) -> Anchor | None:
+        """Return the anchor at state a ``(..., D)``, or None where it gains nothing."""
+        if self.precision == "fp32":
+            return None
+        flat = a.reshape(-1, a.shape[-1])
+        return Anchor(flat, self.accurate(flat))
+
+    def apply(self, h: Tensor, anchor: Anchor | None = None) -> Tensor:
+        """Return A h for h ``(..., D)``: h + h Rᵀ, the identity part exact."""
+        flat = h.reshape(-1, h.shape[-1])  # (N, D)
+        base, x = (flat, flat) if anchor is None else (flat + anchor.c, flat - anchor.a)
+        if self.low is None:  # fp32, tf32 on CUDA, float64: one addmm, identity in its epilogue
+            with _mode(self.precision, h):
+                return torch.addmm(base, x, self.R.mT).view(h.shape)
+        return self.product(x).add_(base).view(h.shape)
+
+
+class Elementwise:
+    """A block-diagonal op behind the same interface as `Residual` (no precision to set)."""
+
+    def __init__(self, op: BlockDiagOp) -> None:
+        self.op = op
+
+    def anchor(self, a: Tensor) -> None:
+        return None
+
+    def apply(self, h: Tensor, anchor: None = None) -> Tensor:
+        return self.op.apply(h)
+
+
+def prepare(op: LinearOp, precision: str = "fp32") -> Residual | Elementwise:
+    """Return `op` ready for repeated products at `precision` (cast copies made once)."""
+    return Residual(op.R, precision) if isinstance(op, DenseOp) else Elementwise(op)
 
 
 def power(op: LinearOp, k: int) -> LinearOp:
@@ -128,26 +300,37 @@ def scan_reference(op: LinearOp, u: Tensor, h0: Tensor | None = None) -> Tensor:
     return torch.stack(out, 1)  # (B, T, D)
 
 
-def _sequential(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict) -> Tensor:
+def _sequential(
+    op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict, precision: str
+) -> Tensor:
+    lin = prepare(op, precision)
     out = torch.empty_like(u)
-    h = h0
+    h, anchor = h0, None
     for t in range(u.shape[1]):
-        h = u[:, t] if h is None else op.apply(h) + u[:, t]
+        if h is None:
+            h = u[:, t]
+        else:
+            anchor = anchor or lin.anchor(h)  # the first state multiplied
+            h = lin.apply(h, anchor) + u[:, t]
         out[:, t] = h
     return out
 
 
-def _chunked(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict) -> Tensor:
+def _chunked(
+    op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict, precision: str
+) -> Tensor:
     B, T, D = u.shape
     K = max(1, min(chunk, T))
     C = -(-T // K)
     if C * K != T:  # zero inputs after the end change nothing before it
         u = torch.cat((u, u.new_zeros(B, C * K - T, D)), 1)
     uc = u.view(B, C, K, D)  # (B, C, K, D)
-    # pass 1: each chunk's final state from a zero start (the last chunk's is never needed)
+    lin = prepare(op, precision)
+    # pass 1: each chunk's final state from a zero start (the last chunk's is never needed);
+    # local states are small, so no anchor
     s = uc[:, :-1, 0]
     for j in range(1, K):
-        s = op.apply(s) + uc[:, :-1, j]  # (B, C-1, D)
+        s = lin.apply(s) + uc[:, :-1, j]  # (B, C-1, D)
     # pass 2: true state before each chunk
     starts = u.new_empty(B, C, D)
     h = torch.zeros_like(u[:, 0]) if h0 is None else h0
@@ -155,30 +338,38 @@ def _chunked(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dic
     if C > 1:
         if K not in powers:  # A^K costs log2(K) D x D products: computed once per forward
             powers[K] = power(op, K)
-        AK = powers[K]
+        AK, anchor = prepare(powers[K], precision), None
         for c in range(1, C):
-            h = AK.apply(h) + s[:, c - 1]
+            if h0 is None and c == 1:
+                h = s[:, 0]  # A^K 0 + s_0
+            else:
+                anchor = anchor or AK.anchor(h)
+                h = AK.apply(h, anchor) + s[:, c - 1]
             starts[:, c] = h
-    # pass 3: rerun every chunk from its true start
+    # pass 3: rerun every chunk from its true start, anchored there
     out = torch.empty_like(uc)
     h = starts
+    anchor = lin.anchor(starts)
     for j in range(K):
-        h = op.apply(h) + uc[:, :, j]  # (B, C, D)
+        h = lin.apply(h, anchor) + uc[:, :, j]  # (B, C, D)
         out[:, :, j] = h
     return out.view(B, C * K, D)[:, :T]
 
 
-def _doubling(op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict) -> Tensor:
+def _doubling(
+    op: LinearOp, u: Tensor, h0: Tensor | None, chunk: int, powers: dict, precision: str
+) -> Tensor:
     T = u.shape[1]
     h = u.clone()
     if h0 is not None:
-        h[:, 0] += op.apply(h0)
+        h[:, 0] += prepare(op, precision).apply(h0)
     shift = 1
     while shift < T:
         if shift not in powers:  # kept for the backward: log2(T) D x D matrices
             powers[shift] = op if shift == 1 else powers[shift // 2].compose(powers[shift // 2])
         # h_t <- h_t + A^shift h_{t-shift}: after this level h_t sums 2*shift inputs
-        h = torch.cat((h[:, :shift], h[:, shift:] + powers[shift].apply(h[:, :-shift])), 1)
+        lin = prepare(powers[shift], precision)
+        h = torch.cat((h[:, :shift], h[:, shift:] + lin.apply(h[:, :-shift])), 1)
         shift *= 2
     return h
 
@@ -188,11 +379,12 @@ _ALGOS = {"sequential": _sequential, "chunked": _chunked, "doubling": _doubling}
 
 class _LinearScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, algo, chunk, op_type, u, h0, *tensors):
+    def forward(ctx, algo, chunk, precision, op_type, u, h0, *tensors):
         op = op_type(*tensors)
         powers: dict[int, LinearOp] = {}
-        h = _ALGOS[algo](op, u, h0, chunk, powers)
+        h = _ALGOS[algo](op, u, h0, chunk, powers, precision)
         ctx.algo, ctx.chunk, ctx.op_type, ctx.has_h0 = algo, chunk, op_type, h0 is not None
+        ctx.precision = grad_precision(precision)
         ctx.powers = powers  # (A^k)ᵀ = (Aᵀ)^k: the backward reuses them
         ctx.save_for_backward(h, *(() if h0 is None else (h0,)), *tensors)
         return h
@@ -206,12 +398,16 @@ class _LinearScan(torch.autograd.Function):
         opT = op.transpose()
         # adjoint: g_t = dL/dh_t + Aᵀ g_{t+1}, the same recurrence backwards in time
         powers = {k: p.transpose() for k, p in ctx.powers.items()}
-        g = _ALGOS[ctx.algo](opT, gh.flip(1), None, ctx.chunk, powers).flip(1)  # (B, T, D)
+        g = _ALGOS[ctx.algo](opT, gh.flip(1), None, ctx.chunk, powers, ctx.precision).flip(1)
         first = torch.zeros_like(h[:, :1]) if h0 is None else h0.unsqueeze(1)
         h_prev = torch.cat((first, h[:, :-1]), 1)  # (B, T, D)
-        grads = op.param_grads(g, h_prev) if any(ctx.needs_input_grad[5:]) else (None,) * len(rest)
-        g_h0 = opT.apply(g[:, 0]) if ctx.needs_input_grad[4] else None
-        return None, None, None, g, g_h0, *grads
+        grads = (
+            op.param_grads(g, h_prev, ctx.precision)
+            if any(ctx.needs_input_grad[6:])
+            else (None,) * len(rest)
+        )
+        g_h0 = prepare(opT, ctx.precision).apply(g[:, 0]) if ctx.needs_input_grad[5] else None
+        return None, None, None, None, g, g_h0, *grads
 
 
 def default_chunk(T: int) -> int:
@@ -275,6 +471,7 @@ def scan(
     *,
     method: str = "auto",
     chunk: int | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """Return h ``(B, T, D)`` with h_t = A h_{t-1} + u_t and h_{-1} = h0 (zero when None).
 
@@ -284,9 +481,15 @@ def scan(
         h0: state before the first step ``(B, D)``, or None for zero.
         method: "auto" | "sequential" | "chunked" | "doubling".
         chunk: chunk length for "chunked" (default about sqrt(T/2)).
+        precision: "fp32" | "tf32" | "bf16" | "fp16", of the dense products (module
+            docstring); the backward uses `grad_precision(precision)`.
     """
     if method not in METHODS:
         raise ValueError(f"scan method must be one of {', '.join(METHODS)}; got {method!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"scan precision must be one of {', '.join(PRECISIONS)}; got {precision!r}"
+        )
     if u.dim() != 3 or (h0 is not None and h0.shape != (u.shape[0], u.shape[2])):
         raise ValueError(
             f"scan expects u (B, T, D) and h0 (B, D); got u {tuple(u.shape)}, "
@@ -298,4 +501,4 @@ def scan(
     if method == "auto":
         method = choose_method(op, B, T, D, u.device)
     K = chunk or default_chunk(T)
-    return _LinearScan.apply(method, K, type(op), u, h0, *op)
+    return _LinearScan.apply(method, K, precision, type(op), u, h0, *op)
