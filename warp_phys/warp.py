@@ -12,22 +12,41 @@ steps fed with ground truth (t < context) are computed together by the parallel 
 the root is evaluated on all of them at once; the remaining steps, fed with the model's own
 predictions (or, with probability `teacher_prob` per sample, the truth), run as a loop
 with the same transition operator. context >= T - 1 is fully teacher-forced.
+
+Speed (benchmarks/gpu.py, issue 5): the dense products run at `precision` (scan.py: the
+identity exact, float32 sums); the forecast loop has its own backward (`_Rollout`: one
+Aᵀ product per step, dL/dA batched over 32 steps, the root's gradient by local autograd);
+`checkpoint_every=K` keeps only every K-th state and recomputes the rest (time chunks of
+the teacher-forced scan go through `torch.utils.checkpoint`); `compile=True` compiles the
+root's step. Nothing in the loop reads a value back to the host, so a whole training step
+can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from warp_phys.errors import UserError
 from warp_phys.root import AbstractRoot
-from warp_phys.scan import METHODS, LinearOp, scan
+from warp_phys.scan import METHODS, PRECISIONS, LinearOp, grad_precision, prepare, scan
 from warp_phys.transition import TRANSITIONS, build_transition
 
+log = logging.getLogger(__name__)
+
 INIT_STATES = ("hypernet", "learned")
+# precision="auto": IEEE float32 on a CPU; on a GPU the fastest setting that keeps float32
+# accuracy at the paper's scale (predicted from CPU emulation, to be confirmed on an H100:
+# benchmarks/results/gpu.md)
+GPU_PRECISION = "fp16"
+DR_SEGMENT = 32  # forecast steps per batched dL/dA product in the rollout's backward
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled root
 
 
 class Forecast(NamedTuple):
@@ -44,16 +63,54 @@ class _Trajectory(NamedTuple):
     fed: Tensor | None  # (B, T-1, S) x_t for t = 0..T-2, when asked
 
 
+class _Spec(NamedTuple):
+    """What a pass over ys needs besides the tensors it differentiates."""
+
+    ys: Tensor  # (B, T, S) the truth
+    tau: Tensor  # (T-1,) τ_{t+1}
+    dtau: float
+    L: int  # steps t < L are teacher-forced
+    p: float  # teacher-forcing probability of the forecast steps
+    generator: torch.Generator | None
+    precision: str  # of the dense products
+
+
+class _Steps(NamedTuple):
+    """Per-step results of the forecast loop (lists over t = L..T-2)."""
+
+    means: list  # (B, 1, S)
+    stds: list  # (B, 1, S) or None
+    thetas: list  # (B, 1, Dp), when asked
+    fed: list  # (B, 1, S), when asked
+    masks: list  # which samples were fed the truth: (B,) bool, or True / False for all
+
+
+def feed_mask(
+    n: int, p: float, generator: torch.Generator | None, device: torch.device
+) -> Tensor | bool:
+    """Return which of n samples are fed the truth at a forecast step: a mask ``(n,)``, or
+    True / False for all of them (no random draw when p is 1 or 0)."""
+    if p <= 0:
+        return False
+    if p >= 1:
+        return True
+    dev = generator.device if generator is not None else device
+    return torch.rand(n, generator=generator, device=dev).to(device) < p  # (n,)
+
+
+def select(mask: Tensor | bool, truth: Tensor, own: Tensor) -> Tensor:
+    """Return truth where `mask` (per sample), own elsewhere, ``(B, S)``."""
+    if mask is True:
+        return truth
+    if mask is False:
+        return own
+    return torch.where(mask.unsqueeze(-1), truth, own)
+
+
 def feed(truth: Tensor, own: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
     """Return the value fed at a forecast step ``(B, S)``: the own prediction, or per sample
     with probability p the truth (no random draw when p is 0 or 1)."""
-    if p <= 0:
-        return own
-    if p >= 1:
-        return truth
-    dev = generator.device if generator is not None else truth.device
-    mask = torch.rand(truth.shape[0], generator=generator, device=dev).to(truth.device) < p  # (B,)
-    return torch.where(mask.unsqueeze(-1), truth, own)
+    return select(feed_mask(truth.shape[0], p, generator, truth.device), truth, own)
 
 
 def hypernet(state_dim: int, init: Tensor) -> nn.Sequential:
@@ -90,6 +147,10 @@ class WARP(nn.Module):
         time_channel: bool = False,
         transition_options: dict | None = None,
         scan_method: str = "auto",
+        precision: str = "auto",
+        fast_loop: bool = True,
+        checkpoint_every: int = 0,
+        compile: bool = False,
     ) -> None:
         """Args:
         root: the root-network family whose flat weights are the hidden state.
@@ -103,6 +164,14 @@ class WARP(nn.Module):
         time_channel: add τ to the inputs of B (the paper's optional time channel).
         transition_options: keyword options of the transition (e.g. rotation freq_range).
         scan_method: "auto" | "sequential" | "chunked" | "doubling" (`scan.py`).
+        precision: of the products with A = I + Ã (dense): "auto" (fp32 on a CPU,
+            `GPU_PRECISION` on a GPU) | "fp32" | "tf32" | "bf16" | "fp16" (`scan.py`).
+        fast_loop: run the forecast loop with its own backward (`_Rollout`); False records
+            it step by step with autograd (the reference).
+        checkpoint_every: K > 0 keeps only every K-th hidden state of a training pass and
+            recomputes the rest in the backward (memory / K for about 1/3 more time).
+        compile: compile the root's per-step evaluation with torch.compile (eager when
+            compilation fails).
         """
         super().__init__()
         if not isinstance(root, AbstractRoot):
@@ -121,6 +190,14 @@ class WARP(nn.Module):
             raise UserError(
                 f"unknown scan_method {scan_method!r}; choose one of {', '.join(METHODS)}"
             )
+        if precision != "auto" and precision not in PRECISIONS:
+            raise UserError(
+                f"unknown precision {precision!r}; choose auto or one of {', '.join(PRECISIONS)}"
+            )
+        if int(checkpoint_every) < 0:
+            raise UserError(
+                f"checkpoint_every must be 0 (off) or a number of steps; got {checkpoint_every}"
+            )
         if int(pad_to) < 1 or state_dim < 1 or not dt > 0:
             raise UserError(
                 f"WARP needs pad_to >= 1, state_dim >= 1 and dt > 0; got pad_to={pad_to}, "
@@ -132,6 +209,10 @@ class WARP(nn.Module):
         self.anchored = anchored
         self.hold_after_context = hold_after_context
         self.scan_method = scan_method
+        self.precision = precision
+        self.fast_loop = bool(fast_loop)
+        self.checkpoint_every = int(checkpoint_every)
+        self.compile = bool(compile)
         D = root.n_weights
         self.n_weights = D
         self.padded_dim = -(-D // int(pad_to)) * int(pad_to)
@@ -164,6 +245,25 @@ class WARP(nn.Module):
         """Evaluate the root on ``theta (N, Dp)``, ``tau (N,)``, ``x (N, S)``; padding dropped."""
         return self.root(theta[:, : self.n_weights], tau, x, self.dt)
 
+    def _root_step(self, theta: Tensor, tau: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`_root`, compiled when `compile` is set (eager if compilation fails)."""
+        if self.compile:
+            fn = _COMPILED.get(self)
+            if fn is None:
+                fn = _COMPILED[self] = torch.compile(self._root, dynamic=False)
+            try:
+                return fn(theta, tau, x)
+            except Exception as err:  # noqa: BLE001 - any compiler failure: run eager
+                log.warning("torch.compile of the root failed (%s); running eager", err)
+                self.compile = False
+        return self._root(theta, tau, x)
+
+    def resolved_precision(self, device: torch.device) -> str:
+        """Return the precision of the dense products on `device` ("auto" resolved)."""
+        if self.precision != "auto":
+            return self.precision
+        return "fp32" if device.type == "cpu" else GPU_PRECISION
+
     # -- the recurrence -------------------------------------------------------------------
     def _run(
         self, ys: Tensor, context: int, teacher_prob: float, generator, *, keep: bool = False
@@ -175,46 +275,108 @@ class WARP(nn.Module):
         op: LinearOp = self.transition.operator(self.padded_dim)
         theta0 = self.initial_state(ys[:, 0])  # (B, Dp)
         L = min(context, T - 1)  # steps t < L are fed with ground truth
-
-        # teacher-forced steps t < L, all at once. θ_0 enters as the first input (or δ_0 = 0),
-        # so the scan returns the whole θ trajectory without a second (B, L, Dp) copy
-        u = self._drive(ys[:, 1:L] - ys[:, : L - 1], dtau)  # (B, L-1, Dp): B Δy_t, t = 1..L-1
-        if self.anchored:
-            delta = scan(op, F.pad(u, (0, 0, 1, 0)), method=self.scan_method)  # (B, L, Dp)
-            theta = theta0.unsqueeze(1) + delta
-            delta = delta[:, -1]
-        else:
-            theta = scan(op, torch.cat((theta0.unsqueeze(1), u), 1), method=self.scan_method)
-        mean, std = self._root(
-            theta.reshape(B * L, -1), tau[:L].repeat(B), ys[:, :L].reshape(B * L, S)
-        )
-        means, stds = [mean.view(B, L, S)], [None if std is None else std.view(B, L, S)]
-        thetas, fed = [theta], [ys[:, :L]]
-
-        # forecast steps, one at a time: the input depends on the previous prediction
-        th, x_prev, m = theta[:, -1], ys[:, L - 1], means[0][:, -1]
-        for t in range(L, T - 1):
-            x = feed(ys[:, t], m, teacher_prob, generator)  # (B, S)
-            if not self.hold_after_context:
-                u = self._drive(x - x_prev, dtau)  # (B, Dp)
-                if self.anchored:
-                    delta = op.apply(delta) + u
-                    th = theta0 + delta
-                else:
-                    th = op.apply(th) + u
-            m, s = self._root(th, tau[t].expand(B), x)
-            means.append(m.unsqueeze(1))
-            stds.append(None if s is None else s.unsqueeze(1))
-            if keep:
-                thetas.append(th.unsqueeze(1))
-                fed.append(x.unsqueeze(1))
-            x_prev = x
+        spec = _Spec(ys, tau, dtau, L, teacher_prob, generator, self.resolved_precision(ys.device))
+        h, theta, mean, std = self._prefix(op, spec, theta0, keep)
+        means, stds, thetas, fed = [mean], [std], [theta], [ys[:, :L]]
+        if L < T - 1:  # forecast steps, one at a time: the input depends on the prediction
+            base = theta0 if self.anchored else None
+            fast = self.fast_loop and not keep and not self.hold_after_context
+            if fast and torch.is_grad_enabled():
+                params = [self.input_map, *([] if self.time_map is None else [self.time_map])]
+                params += [p for p in self.root.parameters() if p.requires_grad]
+                mean, std = _Rollout.apply(
+                    self, spec, type(op), len(op), h, mean[:, -1], base, *op, *params
+                )
+                means.append(mean)
+                stds.append(std if std.numel() else None)
+            else:
+                lin = prepare(op, spec.precision)
+                out = self._forecast(spec, h, mean[:, -1], base, lin, lin.anchor(h), keep=keep)
+                means += out.means
+                stds += out.stds
+                thetas += out.thetas
+                fed += out.fed
         return _Trajectory(
             torch.cat(means, 1),
             None if stds[0] is None else torch.cat(stds, 1),
             torch.cat(thetas, 1) if keep else None,
             torch.cat(fed, 1) if keep else None,
         )
+
+    def _prefix(self, op: LinearOp, spec: _Spec, theta0: Tensor, keep: bool):
+        """Run the teacher-forced steps t < L by the parallel scan. Return the state h_{L-1}
+        (θ, or δ = θ - θ_0 when anchored) ``(B, Dp)``, θ_0..θ_{L-1} ``(B, L, Dp)`` when
+        `keep`, and the root's mean and std (or None) ``(B, L, S)``."""
+        K, L = self.checkpoint_every, spec.L
+        if not K or keep or L <= K or not torch.is_grad_enabled():
+            theta, h, mean, std = self._tf_chunk(op, spec, theta0, 0, L, None)
+            return h, theta, mean, std
+        means, stds, h = [], [], None
+        for t0 in range(0, L, K):  # time chunks, recomputed in the backward
+
+            def chunk(h_prev, t0=t0):
+                return self._tf_chunk(op, spec, theta0, t0, min(t0 + K, L), h_prev)[1:]
+
+            h, mean, std = checkpoint(chunk, h, use_reentrant=False)
+            means.append(mean)
+            stds.append(std)
+        return h, None, torch.cat(means, 1), None if stds[0] is None else torch.cat(stds, 1)
+
+    def _tf_chunk(self, op: LinearOp, spec: _Spec, theta0: Tensor, t0: int, t1: int, h_prev):
+        """Teacher-forced steps t0 <= t < t1 from the state h_{t0-1} (None when t0 = 0).
+        Return θ ``(B, k, Dp)``, h_{t1-1} ``(B, Dp)``, mean and std ``(B, k, S)``."""
+        ys = spec.ys
+        B, _, S = ys.shape
+        lo = max(t0, 1)
+        u = self._drive(ys[:, lo:t1] - ys[:, lo - 1 : t1 - 1], spec.dtau)  # B Δy_t, t in [lo, t1)
+        if t0 == 0:  # θ_0 enters as the first input (δ_0 = 0): no second (B, k, Dp) copy
+            u = F.pad(u, (0, 0, 1, 0)) if self.anchored else torch.cat((theta0.unsqueeze(1), u), 1)
+        h = scan(op, u, h_prev, method=self.scan_method, precision=spec.precision)  # (B, k, Dp)
+        theta = theta0.unsqueeze(1) + h if self.anchored else h
+        k = t1 - t0
+        mean, std = self._root(
+            theta.reshape(B * k, -1), spec.tau[t0:t1].repeat(B), ys[:, t0:t1].reshape(B * k, S)
+        )
+        return theta, h[:, -1], mean.view(B, k, S), None if std is None else std.view(B, k, S)
+
+    def _forecast(
+        self,
+        spec: _Spec,
+        h: Tensor,
+        m: Tensor,
+        base,
+        lin,
+        anchor,
+        *,
+        keep: bool = False,
+        on_state=None,
+    ) -> _Steps:
+        """Run the forecast steps t = L..T-2 from the state h = h_{L-1} and mean m_{L-1}.
+
+        h_t = A h_{t-1} + B (x_t - x_{t-1}) (h is θ, or δ with θ = base + δ when anchored);
+        `on_state(i, h, x)` sees each new state and the value fed (i = t - L).
+        """
+        ys = spec.ys
+        B = ys.shape[0]
+        out = _Steps([], [], [], [], [])
+        x_prev = ys[:, spec.L - 1]
+        for i, t in enumerate(range(spec.L, ys.shape[1] - 1)):
+            mask = feed_mask(B, spec.p, spec.generator, ys.device)
+            x = select(mask, ys[:, t], m)  # (B, S)
+            if not self.hold_after_context:
+                h = lin.apply(h, anchor) + self._drive(x - x_prev, spec.dtau)  # (B, Dp)
+            theta = h if base is None else base + h
+            m, s = self._root_step(theta, spec.tau[t].expand(B), x)
+            out.means.append(m.unsqueeze(1))
+            out.stds.append(None if s is None else s.unsqueeze(1))
+            out.masks.append(mask)
+            if keep:
+                out.thetas.append(theta.unsqueeze(1))
+                out.fed.append(x.unsqueeze(1))
+            if on_state is not None:
+                on_state(i, h, x)
+            x_prev = x
+        return out
 
     def _check(self, ys: Tensor, context: int, teacher_prob: float) -> None:
         if ys.dim() != 3 or ys.shape[-1] != self.state_dim or ys.shape[1] < 2:
@@ -286,3 +448,152 @@ class WARP(nn.Module):
     def n_params(self) -> int:
         """Return the number of trainable parameters (padding not counted)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class _Rollout(torch.autograd.Function):
+    """The forecast loop of `WARP._forecast` with its own backward.
+
+    Forward: the loop without autograd, keeping h_t (every state, or every K-th with
+    `checkpoint_every`), the fed values and the teacher-forcing masks. Backward, in
+    segments of steps from the end: recompute the segment's states if needed, then per step
+    the root's vector-Jacobian product by local autograd at (θ_t, x_t), the input map's and
+    the feed's by hand, and one product with Aᵀ; dL/dA, dL/dB once per segment.
+    """
+
+    @staticmethod
+    def forward(ctx, model, spec, op_type, n_op, h, m, base, *tensors):
+        op = op_type(*tensors[:n_op])
+        lin = prepare(op, spec.precision)
+        anchor = lin.anchor(h)
+        B, Dp = h.shape
+        n = spec.ys.shape[1] - 1 - spec.L
+        K = model.checkpoint_every
+        states = h.new_empty(B, n + 1, Dp) if not K else None  # h_{L-1+i}, i = 0..n
+        ckpts = [h]  # with K: h_{L-1+i} for i = 0, K, 2K, ...
+        xs = spec.ys.new_empty(B, n + 1, spec.ys.shape[-1])  # x_{L-1+i}, i = 0..n
+        xs[:, 0] = spec.ys[:, spec.L - 1]
+        if states is not None:
+            states[:, 0] = h
+
+        def on_state(i, h_i, x_i):
+            xs[:, i + 1] = x_i
+            if states is not None:
+                states[:, i + 1] = h_i
+            elif (i + 1) % K == 0:
+                ckpts.append(h_i)
+
+        out = model._forecast(spec, h, m, base, lin, anchor, on_state=on_state)
+        ctx.model, ctx.spec, ctx.op_type, ctx.n_op = model, spec, op_type, n_op
+        ctx.lin, ctx.anchor, ctx.masks, ctx.has_base = lin, anchor, out.masks, base is not None
+        ctx.save_for_backward(xs, states, base, *tensors, *ckpts)
+        ctx.n_ckpt = len(ckpts)
+        mean = torch.cat(out.means, 1)  # (B, n, S)
+        std = mean.new_empty(0) if out.stds[0] is None else torch.cat(out.stds, 1)
+        return mean, std
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean, g_std):
+        model, spec = ctx.model, ctx.spec
+        xs, states, base, *rest = ctx.saved_tensors
+        ckpts = rest[len(rest) - ctx.n_ckpt :]
+        tensors = rest[: len(rest) - ctx.n_ckpt]
+        op_tensors, params = tensors[: ctx.n_op], tensors[ctx.n_op :]
+        op = ctx.op_type(*op_tensors)
+        gprec = grad_precision(spec.precision)
+        linT = prepare(op.transpose(), gprec)
+        root_params = [p for p in model.root.parameters() if p.requires_grad]
+        B, n1, S = xs.shape
+        n, Dp, D = n1 - 1, ckpts[0].shape[-1], model.n_weights
+        W = model.input_map  # (D, S)
+        gh = torch.zeros_like(ckpts[0])  # dL/dh_i, carried backwards
+        gm = torch.zeros_like(g_mean[:, 0])  # dL/dm_{i-1} through the feed of step i
+        gx_next = torch.zeros_like(gm)  # dL/dx_i through the input of step i + 1
+        g_base = torch.zeros_like(base) if ctx.has_base else None
+        g_op = [torch.zeros_like(t) for t in op_tensors]
+        g_params = [torch.zeros_like(p) for p in params]
+        g_root = g_params[len(params) - len(root_params) :]
+        K = model.checkpoint_every or DR_SEGMENT
+        for i0 in reversed(range(0, n, K)):
+            i1 = min(i0 + K, n)
+            H = (
+                states[:, i0 : i1 + 1]
+                if states is not None
+                else _recompute(ctx, ckpts[i0 // K], xs, i0, i1)
+            )
+            G = gh.new_empty(B, i1 - i0, Dp)  # dL/dh_i over the segment
+            for i in reversed(range(i0, i1)):
+                t = spec.L + i
+                theta = H[:, i - i0 + 1] if base is None else base + H[:, i - i0 + 1]
+                g_std_i = g_std[:, i] if g_std.numel() else None
+                g_theta, g_x, g_p = _root_vjp(
+                    model,
+                    theta,
+                    spec.tau[t].expand(B),
+                    xs[:, i + 1],
+                    g_mean[:, i] + gm,
+                    g_std_i,
+                    root_params,
+                )
+                gh = gh + g_theta
+                if g_base is not None:
+                    g_base += g_theta
+                for acc, g in zip(g_root, g_p, strict=True):
+                    if g is not None:
+                        acc += g
+                G[:, i - i0] = gh
+                g_dx = gh[:, :D] @ W  # (B, S): through u_i = W (x_i - x_{i-1})
+                g_xi = g_dx + gx_next if g_x is None else g_x + g_dx + gx_next
+                gx_next = -g_dx
+                mask = ctx.masks[i]  # x_i = truth where mask, else m_{i-1}
+                gm = (
+                    g_xi
+                    if mask is False
+                    else (torch.zeros_like(g_xi) if mask is True else g_xi * (~mask).unsqueeze(-1))
+                )
+                gh = linT.apply(gh)  # dL/dh_{i-1} through h_i = A h_{i-1} + u_i
+            for acc, g in zip(g_op, op.param_grads(G, H[:, :-1], gprec), strict=True):
+                acc += g
+            dx = xs[:, i0 + 1 : i1 + 1] - xs[:, i0:i1]  # (B, k, S)
+            Gd = G[..., :D].reshape(-1, D)  # (B k, D)
+            g_params[0] += Gd.mT @ dx.reshape(-1, S)  # dL/dW, (D, S)
+            if model.time_map is not None:
+                g_params[1] += spec.dtau * Gd.sum(0)
+        return (None, None, None, None, gh, gm, g_base, *g_op, *g_params)
+
+
+def _recompute(ctx, h: Tensor, xs: Tensor, i0: int, i1: int) -> Tensor:
+    """Return the states h_{i0-1}..h_{i1-1} ``(B, k+1, Dp)`` of a checkpointed segment,
+    recomputed from h_{i0-1} with the forward's operator, anchor and fed values."""
+    model, spec = ctx.model, ctx.spec
+    H = h.new_empty(h.shape[0], i1 - i0 + 1, h.shape[-1])
+    H[:, 0] = h
+    for i in range(i0, i1):
+        if not model.hold_after_context:
+            h = ctx.lin.apply(h, ctx.anchor) + model._drive(xs[:, i + 1] - xs[:, i], spec.dtau)
+        H[:, i - i0 + 1] = h
+    return H
+
+
+def _root_vjp(
+    model: WARP,
+    theta: Tensor,
+    tau: Tensor,
+    x: Tensor,
+    g_mean: Tensor,
+    g_std: Tensor | None,
+    root_params: list,
+) -> tuple:
+    """Return dL/dθ ``(B, Dp)``, dL/dx ``(B, S)`` (or None) and dL/d(root parameters) of
+    one root evaluation, by autograd on a local recomputation."""
+    with torch.enable_grad():
+        theta = theta.detach().requires_grad_()
+        x = x.detach().requires_grad_()
+        mean, std = model._root_step(theta, tau, x)
+        outs, gouts = [mean], [g_mean]
+        if std is not None and g_std is not None:
+            outs.append(std)
+            gouts.append(g_std)
+        grads = torch.autograd.grad(outs, [theta, x, *root_params], gouts, allow_unused=True)
+    g_theta = grads[0] if grads[0] is not None else torch.zeros_like(theta)
+    return g_theta, grads[1], grads[2:]
