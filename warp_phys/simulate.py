@@ -415,7 +415,7 @@ def _stage_sums(dtype, device) -> list[Tensor]:
 def _push(K: list[Tensor], acc: Tensor, cols: list[Tensor], k: Tensor) -> None:
     """Append stage ``k (B, S)`` and add its multiples to the running sums ``acc (21, B, S)``."""
     lo, hi = _SPANS[len(K)]
-    acc[lo:hi] += cols[len(K)] * k  # summed in stage order: elementwise, lane by lane
+    acc[lo:hi].addcmul_(cols[len(K)], k)  # elementwise: every sum accumulates in stage order
     K.append(k)
 
 
