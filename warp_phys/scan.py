@@ -227,16 +227,17 @@ class Residual:
         elif self.precision == "tf32" and not R.is_cuda:
             self.low = _round_tf32(R)
 
-    def product(self, h: Tensor) -> Tensor:
-        """Return h Rᵀ ``(N, D)`` for h ``(N, D)`` at this precision, in h's dtype."""
+    def product(self, x: Tensor, scaled: bool = False) -> Tensor:
+        """Return x Rᵀ ``(N, D)`` for x ``(N, D)`` (float32, or already in the low dtype) at
+        this precision; with `scaled`, fp16 leaves the product scaled (times 1 / `inv`)."""
         if self.low is None:
-            with _mode(self.precision, h):
-                return h @ self.R.mT
+            with _mode(self.precision, x):
+                return x @ self.R.mT
         if self.precision == "tf32":  # CPU emulation
-            return _round_tf32(h) @ self.low.mT
-        hl = h.to(_LOW[self.precision])
-        out = _mm_low(hl, self.low.mT) if h.is_cuda else hl.float() @ self.low.mT
-        return out if self.inv is None else out.mul_(self.inv)
+            return _round_tf32(x) @ self.low.mT
+        xl = x.to(_LOW[self.precision])
+        out = _mm_low(xl, self.low.mT) if x.is_cuda else xl.float() @ self.low.mT
+        return out if self.inv is None or scaled else out.mul_(self.inv)
 
     def accurate(self, h: Tensor) -> Tensor:
         """Return h Rᵀ in IEEE float32 (or float64)."""
@@ -250,14 +251,37 @@ class Residual:
         flat = a.reshape(-1, a.shape[-1])
         return Anchor(flat, self.accurate(flat))
 
-    def apply(self, h: Tensor, anchor: Anchor | None = None) -> Tensor:
-        """Return A h for h ``(..., D)``: h + h Rᵀ, the identity part exact."""
+    def apply(
+        self,
+        h: Tensor,
+        anchor: Anchor | None = None,
+        *,
+        update: tuple[Tensor, Tensor] | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Return A h (+ U V) for h ``(..., D)``: h + h Rᵀ, the identity part exact.
+
+        update: (U ``(..., k)``, V ``(k, D)``), a low-rank input added in IEEE float32.
+        out: write the result there (no autograd).
+        """
         flat = h.reshape(-1, h.shape[-1])  # (N, D)
-        base, x = (flat, flat) if anchor is None else (flat + anchor.c, flat - anchor.a)
+        base, x = flat, flat
+        if anchor is not None:
+            base = flat + anchor.c
+            x = flat - anchor.a
+            if self.low is not None and flat.is_cuda and not torch.is_grad_enabled():
+                x = torch.sub(flat, anchor.a, out=flat.new_empty(flat.shape, dtype=self.low.dtype))
+        if update is not None:
+            U, V = update
+            with _mode("fp32", h):
+                base = torch.addmm(base, U.reshape(-1, U.shape[-1]), V)  # (N, D)
         if self.low is None:  # fp32, tf32 on CUDA, float64: one addmm, identity in its epilogue
             with _mode(self.precision, h):
-                return torch.addmm(base, x, self.R.mT).view(h.shape)
-        return self.product(x).add_(base).view(h.shape)
+                return torch.addmm(base, x, self.R.mT, out=out).view(h.shape)
+        p = self.product(x, scaled=True)
+        if self.inv is not None:
+            return torch.addcmul(base, p, self.inv, out=out).view(h.shape)
+        return torch.add(base, p, out=out).view(h.shape)
 
 
 class Elementwise:
@@ -269,8 +293,13 @@ class Elementwise:
     def anchor(self, a: Tensor) -> None:
         return None
 
-    def apply(self, h: Tensor, anchor: None = None) -> Tensor:
-        return self.op.apply(h)
+    def apply(self, h: Tensor, anchor: None = None, *, update=None, out=None) -> Tensor:
+        """Return A h (+ U V), as `Residual.apply`."""
+        r = self.op.apply(h)
+        if update is not None:
+            U, V = update
+            r = r + U @ V
+        return r if out is None else out.copy_(r)
 
 
 def prepare(op: LinearOp, precision: str = "fp32") -> Residual | Elementwise:
@@ -294,8 +323,8 @@ def scan_reference(op: LinearOp, u: Tensor, h0: Tensor | None = None) -> Tensor:
     """Plain loop differentiated by autograd step by step: the reference for tests."""
     h = torch.zeros_like(u[:, 0]) if h0 is None else h0
     out = []
-    for t in range(u.shape[1]):
-        h = op.apply(h) + u[:, t]
+    for u_t in u.unbind(1):  # one unbind: indexing u[:, t] would cost a full-size grad per step
+        h = op.apply(h) + u_t
         out.append(h)
     return torch.stack(out, 1)  # (B, T, D)
 

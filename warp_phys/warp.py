@@ -241,6 +241,20 @@ class WARP(nn.Module):
             u = u + dtau * self.time_map
         return F.pad(u, (0, self.padded_dim - self.n_weights))
 
+    def _drive_map(self) -> Tensor:
+        """Return V ``(S[+1], Dp)``: B Δx (+ B_τ Δτ) = [Δx, Δτ] V, padded (one forecast step's
+        input as a low-rank update of the recurrence)."""
+        V = self.input_map.mT  # (S, D)
+        if self.time_map is not None:
+            V = torch.cat((V, self.time_map.unsqueeze(0)), 0)  # (S + 1, D)
+        return F.pad(V, (0, self.padded_dim - self.n_weights))
+
+    def _drive_rows(self, dx: Tensor, dtau: float) -> Tensor:
+        """Return U = [Δx, Δτ] ``(B, S[+1])`` matching `_drive_map`."""
+        if self.time_map is None:
+            return dx
+        return torch.cat((dx, dx.new_full((dx.shape[0], 1), dtau)), -1)
+
     def _root(self, theta: Tensor, tau: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Evaluate the root on ``theta (N, Dp)``, ``tau (N,)``, ``x (N, S)``; padding dropped."""
         return self.root(theta[:, : self.n_weights], tau, x, self.dt)
@@ -349,22 +363,27 @@ class WARP(nn.Module):
         anchor,
         *,
         keep: bool = False,
+        states: Tensor | None = None,
         on_state=None,
     ) -> _Steps:
         """Run the forecast steps t = L..T-2 from the state h = h_{L-1} and mean m_{L-1}.
 
         h_t = A h_{t-1} + B (x_t - x_{t-1}) (h is θ, or δ with θ = base + δ when anchored);
-        `on_state(i, h, x)` sees each new state and the value fed (i = t - L).
+        `states` ``(n + 1, B, Dp)`` receives h_{L-1+i} at index i (no autograd); `on_state(i, h,
+        x)` sees each new state and the value fed (i = t - L).
         """
         ys = spec.ys
         B = ys.shape[0]
         out = _Steps([], [], [], [], [])
         x_prev = ys[:, spec.L - 1]
+        V = self._drive_map()  # (S[+1], Dp)
         for i, t in enumerate(range(spec.L, ys.shape[1] - 1)):
             mask = feed_mask(B, spec.p, spec.generator, ys.device)
             x = select(mask, ys[:, t], m)  # (B, S)
             if not self.hold_after_context:
-                h = lin.apply(h, anchor) + self._drive(x - x_prev, spec.dtau)  # (B, Dp)
+                U = self._drive_rows(x - x_prev, spec.dtau)  # (B, S[+1])
+                dest = None if states is None else states[i + 1]
+                h = lin.apply(h, anchor, update=(U, V), out=dest)  # (B, Dp)
             theta = h if base is None else base + h
             m, s = self._root_step(theta, spec.tau[t].expand(B), x)
             out.means.append(m.unsqueeze(1))
@@ -468,21 +487,19 @@ class _Rollout(torch.autograd.Function):
         B, Dp = h.shape
         n = spec.ys.shape[1] - 1 - spec.L
         K = model.checkpoint_every
-        states = h.new_empty(B, n + 1, Dp) if not K else None  # h_{L-1+i}, i = 0..n
+        states = h.new_empty(n + 1, B, Dp) if not K else None  # h_{L-1+i}, i = 0..n
         ckpts = [h]  # with K: h_{L-1+i} for i = 0, K, 2K, ...
-        xs = spec.ys.new_empty(B, n + 1, spec.ys.shape[-1])  # x_{L-1+i}, i = 0..n
-        xs[:, 0] = spec.ys[:, spec.L - 1]
+        xs = spec.ys.new_empty(n + 1, B, spec.ys.shape[-1])  # x_{L-1+i}, i = 0..n
+        xs[0] = spec.ys[:, spec.L - 1]
         if states is not None:
-            states[:, 0] = h
+            states[0] = h
 
         def on_state(i, h_i, x_i):
-            xs[:, i + 1] = x_i
-            if states is not None:
-                states[:, i + 1] = h_i
-            elif (i + 1) % K == 0:
+            xs[i + 1] = x_i
+            if states is None and (i + 1) % K == 0:
                 ckpts.append(h_i)
 
-        out = model._forecast(spec, h, m, base, lin, anchor, on_state=on_state)
+        out = model._forecast(spec, h, m, base, lin, anchor, states=states, on_state=on_state)
         ctx.model, ctx.spec, ctx.op_type, ctx.n_op = model, spec, op_type, n_op
         ctx.lin, ctx.anchor, ctx.masks, ctx.has_base = lin, anchor, out.masks, base is not None
         ctx.save_for_backward(xs, states, base, *tensors, *ckpts)
@@ -503,8 +520,8 @@ class _Rollout(torch.autograd.Function):
         gprec = grad_precision(spec.precision)
         linT = prepare(op.transpose(), gprec)
         root_params = [p for p in model.root.parameters() if p.requires_grad]
-        B, n1, S = xs.shape
-        n, Dp, D = n1 - 1, ckpts[0].shape[-1], model.n_weights
+        n, B, S = xs.shape[0] - 1, xs.shape[1], xs.shape[2]
+        Dp, D = ckpts[0].shape[-1], model.n_weights
         W = model.input_map  # (D, S)
         gh = torch.zeros_like(ckpts[0])  # dL/dh_i, carried backwards
         gm = torch.zeros_like(g_mean[:, 0])  # dL/dm_{i-1} through the feed of step i
@@ -516,62 +533,57 @@ class _Rollout(torch.autograd.Function):
         K = model.checkpoint_every or DR_SEGMENT
         for i0 in reversed(range(0, n, K)):
             i1 = min(i0 + K, n)
-            H = (
-                states[:, i0 : i1 + 1]
-                if states is not None
-                else _recompute(ctx, ckpts[i0 // K], xs, i0, i1)
-            )
-            G = gh.new_empty(B, i1 - i0, Dp)  # dL/dh_i over the segment
+            if states is not None:
+                H = states[i0 : i1 + 1]  # (k + 1, B, Dp): h_{i0-1}..h_{i1-1}
+            else:
+                H = _recompute(ctx, ckpts[i0 // K], xs, i0, i1)
+            G = gh.new_empty(i1 - i0, B, Dp)  # dL/dh_i over the segment
             for i in reversed(range(i0, i1)):
-                t = spec.L + i
-                theta = H[:, i - i0 + 1] if base is None else base + H[:, i - i0 + 1]
-                g_std_i = g_std[:, i] if g_std.numel() else None
+                h_i = H[i - i0 + 1]
                 g_theta, g_x, g_p = _root_vjp(
                     model,
-                    theta,
-                    spec.tau[t].expand(B),
-                    xs[:, i + 1],
+                    h_i if base is None else base + h_i,
+                    spec.tau[spec.L + i].expand(B),
+                    xs[i + 1],
                     g_mean[:, i] + gm,
-                    g_std_i,
+                    g_std[:, i] if g_std.numel() else None,
                     root_params,
                 )
-                gh = gh + g_theta
+                gh = torch.add(gh, g_theta, out=G[i - i0])
                 if g_base is not None:
                     g_base += g_theta
                 for acc, g in zip(g_root, g_p, strict=True):
                     if g is not None:
                         acc += g
-                G[:, i - i0] = gh
                 g_dx = gh[:, :D] @ W  # (B, S): through u_i = W (x_i - x_{i-1})
                 g_xi = g_dx + gx_next if g_x is None else g_x + g_dx + gx_next
                 gx_next = -g_dx
                 mask = ctx.masks[i]  # x_i = truth where mask, else m_{i-1}
-                gm = (
-                    g_xi
-                    if mask is False
-                    else (torch.zeros_like(g_xi) if mask is True else g_xi * (~mask).unsqueeze(-1))
-                )
+                if mask is True:
+                    gm = torch.zeros_like(g_xi)
+                else:
+                    gm = g_xi if mask is False else g_xi * (~mask).unsqueeze(-1)
                 gh = linT.apply(gh)  # dL/dh_{i-1} through h_i = A h_{i-1} + u_i
-            for acc, g in zip(g_op, op.param_grads(G, H[:, :-1], gprec), strict=True):
+            for acc, g in zip(g_op, op.param_grads(G, H[:-1], gprec), strict=True):
                 acc += g
-            dx = xs[:, i0 + 1 : i1 + 1] - xs[:, i0:i1]  # (B, k, S)
-            Gd = G[..., :D].reshape(-1, D)  # (B k, D)
-            g_params[0] += Gd.mT @ dx.reshape(-1, S)  # dL/dW, (D, S)
+            dx = (xs[i0 + 1 : i1 + 1] - xs[i0:i1]).reshape(-1, S)  # (k B, S)
+            Gd = G[..., :D].reshape(-1, D)  # (k B, D)
+            g_params[0] += Gd.mT @ dx  # dL/dW, (D, S)
             if model.time_map is not None:
                 g_params[1] += spec.dtau * Gd.sum(0)
         return (None, None, None, None, gh, gm, g_base, *g_op, *g_params)
 
 
 def _recompute(ctx, h: Tensor, xs: Tensor, i0: int, i1: int) -> Tensor:
-    """Return the states h_{i0-1}..h_{i1-1} ``(B, k+1, Dp)`` of a checkpointed segment,
+    """Return the states h_{i0-1}..h_{i1-1} ``(k+1, B, Dp)`` of a checkpointed segment,
     recomputed from h_{i0-1} with the forward's operator, anchor and fed values."""
     model, spec = ctx.model, ctx.spec
-    H = h.new_empty(h.shape[0], i1 - i0 + 1, h.shape[-1])
-    H[:, 0] = h
+    H = h.new_empty(i1 - i0 + 1, *h.shape)
+    H[0] = h
+    V = model._drive_map()
     for i in range(i0, i1):
-        if not model.hold_after_context:
-            h = ctx.lin.apply(h, ctx.anchor) + model._drive(xs[:, i + 1] - xs[:, i], spec.dtau)
-        H[:, i - i0 + 1] = h
+        U = model._drive_rows(xs[i + 1] - xs[i], spec.dtau)
+        h = ctx.lin.apply(h, ctx.anchor, update=(U, V), out=H[i - i0 + 1])
     return H
 
 
