@@ -363,14 +363,14 @@ class WARP(nn.Module):
         anchor,
         *,
         keep: bool = False,
-        states: Tensor | None = None,
+        graphs: list | None = None,
         on_state=None,
     ) -> _Steps:
         """Run the forecast steps t = L..T-2 from the state h = h_{L-1} and mean m_{L-1}.
 
         h_t = A h_{t-1} + B (x_t - x_{t-1}) (h is θ, or δ with θ = base + δ when anchored);
-        `states` ``(n + 1, B, Dp)`` receives h_{L-1+i} at index i (no autograd); `on_state(i, h,
-        x)` sees each new state and the value fed (i = t - L).
+        `graphs` receives the root's autograd graph at each step (`_root_graph`); `on_state(i,
+        h, x)` sees each new state and the value fed (i = t - L).
         """
         ys = spec.ys
         B = ys.shape[0]
@@ -382,10 +382,13 @@ class WARP(nn.Module):
             x = select(mask, ys[:, t], m)  # (B, S)
             if not self.hold_after_context:
                 U = self._drive_rows(x - x_prev, spec.dtau)  # (B, S[+1])
-                dest = None if states is None else states[i + 1]
-                h = lin.apply(h, anchor, update=(U, V), out=dest)  # (B, Dp)
+                h = lin.apply(h, anchor, update=(U, V))  # (B, Dp)
             theta = h if base is None else base + h
-            m, s = self._root_step(theta, spec.tau[t].expand(B), x)
+            if graphs is None:
+                m, s = self._root_step(theta, spec.tau[t].expand(B), x)
+            else:
+                graphs.append(_root_graph(self, theta, spec.tau[t].expand(B), x))
+                m, s = (None if v is None else v.detach() for v in graphs[-1][2:])
             out.means.append(m.unsqueeze(1))
             out.stds.append(None if s is None else s.unsqueeze(1))
             out.masks.append(mask)
@@ -473,10 +476,11 @@ class _Rollout(torch.autograd.Function):
     """The forecast loop of `WARP._forecast` with its own backward.
 
     Forward: the loop without autograd, keeping h_t (every state, or every K-th with
-    `checkpoint_every`), the fed values and the teacher-forcing masks. Backward, in
-    segments of steps from the end: recompute the segment's states if needed, then per step
-    the root's vector-Jacobian product by local autograd at (θ_t, x_t), the input map's and
-    the feed's by hand, and one product with Aᵀ; dL/dA, dL/dB once per segment.
+    `checkpoint_every`), the fed values, the teacher-forcing masks and, unless checkpointing,
+    the root's small autograd graph of each step. Backward, in segments of steps from the
+    end (recomputing a checkpointed segment's states): per step the root's vector-Jacobian
+    product, the input map's and the feed's by hand, and one product with Aᵀ; dL/dA and
+    dL/dB once per segment, one wide product each.
     """
 
     @staticmethod
@@ -487,22 +491,23 @@ class _Rollout(torch.autograd.Function):
         B, Dp = h.shape
         n = spec.ys.shape[1] - 1 - spec.L
         K = model.checkpoint_every
-        states = h.new_empty(n + 1, B, Dp) if not K else None  # h_{L-1+i}, i = 0..n
-        ckpts = [h]  # with K: h_{L-1+i} for i = 0, K, 2K, ...
+        ckpts = [h]  # h_{L-1+i} for i = 0, K, 2K, ... (every i without checkpointing)
         xs = spec.ys.new_empty(n + 1, B, spec.ys.shape[-1])  # x_{L-1+i}, i = 0..n
         xs[0] = spec.ys[:, spec.L - 1]
-        if states is not None:
-            states[0] = h
 
         def on_state(i, h_i, x_i):
             xs[i + 1] = x_i
-            if states is None and (i + 1) % K == 0:
+            if not K or (i + 1) % K == 0:
                 ckpts.append(h_i)
 
-        out = model._forecast(spec, h, m, base, lin, anchor, states=states, on_state=on_state)
+        # without checkpointing each step's root graph is kept (its weights are views of the
+        # state, nothing copied) and differentiated in the backward, not recomputed
+        graphs = [] if not K and base is None else None
+        out = model._forecast(spec, h, m, base, lin, anchor, graphs=graphs, on_state=on_state)
+        ctx.graphs = graphs
         ctx.model, ctx.spec, ctx.op_type, ctx.n_op = model, spec, op_type, n_op
         ctx.lin, ctx.anchor, ctx.masks, ctx.has_base = lin, anchor, out.masks, base is not None
-        ctx.save_for_backward(xs, states, base, *tensors, *ckpts)
+        ctx.save_for_backward(xs, base, *tensors, *ckpts)
         ctx.n_ckpt = len(ckpts)
         mean = torch.cat(out.means, 1)  # (B, n, S)
         std = mean.new_empty(0) if out.stds[0] is None else torch.cat(out.stds, 1)
@@ -512,7 +517,7 @@ class _Rollout(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean, g_std):
         model, spec = ctx.model, ctx.spec
-        xs, states, base, *rest = ctx.saved_tensors
+        xs, base, *rest = ctx.saved_tensors
         ckpts = rest[len(rest) - ctx.n_ckpt :]
         tensors = rest[: len(rest) - ctx.n_ckpt]
         op_tensors, params = tensors[: ctx.n_op], tensors[ctx.n_op :]
@@ -533,22 +538,20 @@ class _Rollout(torch.autograd.Function):
         K = model.checkpoint_every or DR_SEGMENT
         for i0 in reversed(range(0, n, K)):
             i1 = min(i0 + K, n)
-            if states is not None:
-                H = states[i0 : i1 + 1]  # (k + 1, B, Dp): h_{i0-1}..h_{i1-1}
-            else:
+            if model.checkpoint_every:
                 H = _recompute(ctx, ckpts[i0 // K], xs, i0, i1)
+            else:
+                H = torch.stack(ckpts[i0 : i1 + 1])  # (k + 1, B, Dp): h_{i0-1}..h_{i1-1}
             G = gh.new_empty(i1 - i0, B, Dp)  # dL/dh_i over the segment
             for i in reversed(range(i0, i1)):
-                h_i = H[i - i0 + 1]
-                g_theta, g_x, g_p = _root_vjp(
-                    model,
-                    h_i if base is None else base + h_i,
-                    spec.tau[spec.L + i].expand(B),
-                    xs[i + 1],
-                    g_mean[:, i] + gm,
-                    g_std[:, i] if g_std.numel() else None,
-                    root_params,
-                )
+                if ctx.graphs is not None:
+                    graph = ctx.graphs.pop()
+                else:
+                    h_i = H[i - i0 + 1]
+                    theta = h_i if base is None else base + h_i
+                    graph = _root_graph(model, theta, spec.tau[spec.L + i].expand(B), xs[i + 1])
+                g_std_i = g_std[:, i] if g_std.numel() else None
+                g_theta, g_x, g_p = _root_vjp(graph, g_mean[:, i] + gm, g_std_i, root_params)
                 gh = torch.add(gh, g_theta, out=G[i - i0])
                 if g_base is not None:
                     g_base += g_theta
@@ -587,25 +590,24 @@ def _recompute(ctx, h: Tensor, xs: Tensor, i0: int, i1: int) -> Tensor:
     return H
 
 
-def _root_vjp(
-    model: WARP,
-    theta: Tensor,
-    tau: Tensor,
-    x: Tensor,
-    g_mean: Tensor,
-    g_std: Tensor | None,
-    root_params: list,
-) -> tuple:
-    """Return dL/dθ ``(B, Dp)``, dL/dx ``(B, S)`` (or None) and dL/d(root parameters) of
-    one root evaluation, by autograd on a local recomputation."""
+def _root_graph(model: WARP, theta: Tensor, tau: Tensor, x: Tensor) -> tuple:
+    """Evaluate the root at leaves θ ``(B, Dp)``, x ``(B, S)`` with autograd on; return
+    (θ leaf, x leaf, mean, std)."""
     with torch.enable_grad():
         theta = theta.detach().requires_grad_()
         x = x.detach().requires_grad_()
         mean, std = model._root_step(theta, tau, x)
-        outs, gouts = [mean], [g_mean]
-        if std is not None and g_std is not None:
-            outs.append(std)
-            gouts.append(g_std)
-        grads = torch.autograd.grad(outs, [theta, x, *root_params], gouts, allow_unused=True)
+    return theta, x, mean, std
+
+
+def _root_vjp(graph: tuple, g_mean: Tensor, g_std: Tensor | None, root_params: list) -> tuple:
+    """Return dL/dθ ``(B, Dp)``, dL/dx ``(B, S)`` (or None) and dL/d(root parameters) of one
+    root evaluation `_root_graph`, given dL/dmean and dL/dstd."""
+    theta, x, mean, std = graph
+    outs, gouts = [mean], [g_mean]
+    if std is not None and g_std is not None:
+        outs.append(std)
+        gouts.append(g_std)
+    grads = torch.autograd.grad(outs, [theta, x, *root_params], gouts, allow_unused=True)
     g_theta = grads[0] if grads[0] is not None else torch.zeros_like(theta)
     return g_theta, grads[1], grads[2:]
