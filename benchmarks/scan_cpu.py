@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/scan_cpu.py --out benchmarks/results/scan_cpu.md
 
 For each (batch, T, Dθ) and transition (dense I + Ã, rotation blocks) it times, in float32:
-forward only (no autograd) and forward + backward (gradients of u, h0 and A), for the eager
-loop (plain autograd through T steps, the baseline), the sequential and chunked algorithms
+forward only (no autograd) and forward + backward (gradients of u, h0 and A), for the loop
+(T steps, plain autograd through them: the baseline), the sequential and chunked algorithms
 (both with the custom backward of `warp_phys.scan`), the doubling scan where its
-log2(T)-times flops are affordable, and reports which one `scan(method="auto")` picks. The
+log2(T)-times flops are affordable, and marks which one `scan(method="auto")` picks. The
 best of `--rounds` interleaved runs (at least two for a method past `--budget` seconds).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from warp_phys.scan import choose_method, scan, scan_reference
+from warp_phys.scan import choose_method, scan
 from warp_phys.transition import Dense, Rotation
 
 SHAPES = [(8, 1024, 1030), (64, 256, 1030), (16, 256, 4898)]  # (batch, T, Dθ)
@@ -61,13 +61,16 @@ def make_op(kind: str, D: int):
 def bench_case(kind: str, B: int, T: int, D: int, rounds: int, budget: float) -> list[dict]:
     op = make_op(kind, D)
     u, h0, w = torch.randn(B, T, D), torch.randn(B, D), torch.randn(B, T, D)
-    methods = ["sequential", "chunked"]
+    methods = ["loop", "sequential", "chunked"]
     if kind != "dense" or math.log2(T) * B * T * D * D < 5e10:  # doubling: log2(T)x the flops
         methods.append("doubling")
-    auto = choose_method(op, B, T, D, u.device)
+    auto = {
+        "forward": choose_method(op, B, T, D, u.device),
+        "forward+backward": choose_method(op, B, T, D, u.device, grad=True),
+    }
     rows = []
     with torch.no_grad():
-        ref = scan(op, u, h0, method="sequential")
+        ref = scan(op, u, h0, method="loop")
         err = {}
         for m in methods:
             got = scan(op, u, h0, method=m)
@@ -85,7 +88,7 @@ def bench_case(kind: str, B: int, T: int, D: int, rounds: int, budget: float) ->
             leaf.grad = None
         (fn(type(op)(*leaves[2:]), leaves[0], leaves[1]) * w).sum().backward()
 
-    fns = {"eager loop": lambda: fwd_bwd(scan_reference)}
+    fns = {}
     for m in methods:
         fns[m] = lambda m=m: fwd_bwd(lambda o, x, h: scan(o, x, h, method=m))
     both = timed(fns, rounds, budget)
@@ -103,15 +106,12 @@ def table(rows: list[dict]) -> str:
     ]
     loop = {}
     for r in rows:
-        if (
-            r["method"] in ("sequential", "eager loop")
-            and (r["kind"], r["shape"], r["pass_"]) not in loop
-        ):
+        if r["method"] == "loop":
             loop[(r["kind"], r["shape"], r["pass_"])] = r["ms"]
     for r in rows:
         base = loop[(r["kind"], r["shape"], r["pass_"])]
-        name = r["method"] + (" (auto)" if r["method"] == r["auto"] else "")
-        err = f"{r['err']:.1e}" if "err" in r and r["method"] != "eager loop" else ""
+        name = r["method"] + (" (auto)" if r["method"] == r["auto"][r["pass_"]] else "")
+        err = f"{r['err']:.1e}" if "err" in r else ""
         lines.append(
             f"| {r['kind']} | {r['shape']} | {r['pass_']} | {name} | {r['ms']:.3g} | "
             f"{base / r['ms']:.2f} | {err} |"
@@ -125,8 +125,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="runs per method (the first warms up)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per method and case")
     ap.add_argument("--kinds", default="dense,rotation")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default). On a machine shared beyond its cores use 1: "
+        "every multi-threaded op then waits for a descheduled partner thread",
+    )
     ap.add_argument("--shapes", default=None, help="e.g. 8x1024x1030,64x256x1030")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -138,7 +147,8 @@ def main() -> None:
     if args.out:
         head = (
             f"# Scan on CPU: parallel against the sequential loop\n\n"
-            f"Command: `.venv/bin/python benchmarks/scan_cpu.py --out {args.out}`\n\n"
+            f"Command: `.venv/bin/python benchmarks/scan_cpu.py --threads {args.threads} "
+            f"--out {args.out}`\n\n"
             f"Date {datetime.date.today()}, {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32, "
             f"load average at the end {os.getloadavg()[0]:.1f} (machine shared).\n\n"

@@ -65,7 +65,7 @@ def test_parallel_scan_matches_sequential_float32(kind, method):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["sequential", *PARALLEL])
+@pytest.mark.parametrize("method", ["loop", "sequential", *PARALLEL])
 def test_scan_gradients_match_autograd_through_the_loop(kind, method):
     op = make_op(kind, 7)
     u, h0 = inputs(2, 23, 7)
@@ -137,6 +137,8 @@ def test_auto_dispatch_is_exact_and_short_sequences_use_the_loop():
     u, h0 = inputs(2, 70, 8)
     assert (scan(op, u, h0) - scan_reference(op, u, h0)).abs().max() < F64_TOL
     assert choose_method(op, 2, 4, 8, torch.device("cpu")) == "sequential"
+    rot = make_op("rotation", 8)
+    assert choose_method(rot, 2, 4, 8, torch.device("cpu"), grad=True) == "loop"
 
 
 def test_scan_rejects_bad_method_and_shapes():

@@ -50,7 +50,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "sequential", "chunked", "doubling")
+METHODS = ("auto", "loop", "sequential", "chunked", "doubling")
 
 
 class DenseOp(NamedTuple):
@@ -289,13 +289,21 @@ class Elementwise:
 
     def __init__(self, op: BlockDiagOp) -> None:
         self.op = op
+        # A h = α ⊙ h + β ⊙ swap(h), swap exchanging each pair: 3 kernels a step, not 8
+        P, Q = op.a.shape[0], op.c.shape[0]
+        self.alpha = torch.cat((op.a.repeat_interleave(2), op.c))  # (D,)
+        self.beta = torch.cat((torch.stack((-op.b, op.b), -1).flatten(), op.c.new_zeros(Q)))
+        pairs = torch.arange(2 * P, device=op.a.device).view(P, 2).flip(-1).flatten()
+        self.swap = torch.cat((pairs, torch.arange(2 * P, 2 * P + Q, device=op.a.device)))
 
     def anchor(self, a: Tensor) -> None:
         return None
 
     def apply(self, h: Tensor, anchor: None = None, *, update=None, out=None) -> Tensor:
         """Return A h (+ U V), as `Residual.apply`."""
-        r = self.op.apply(h)
+        r = h * self.alpha
+        if self.op.a.shape[0]:
+            r = torch.addcmul(r, h.index_select(-1, self.swap), self.beta)
         if update is not None:
             U, V = update
             r = r + U @ V
@@ -325,6 +333,15 @@ def scan_reference(op: LinearOp, u: Tensor, h0: Tensor | None = None) -> Tensor:
     out = []
     for u_t in u.unbind(1):  # one unbind: indexing u[:, t] would cost a full-size grad per step
         h = op.apply(h) + u_t
+        out.append(h)
+    return torch.stack(out, 1)  # (B, T, D)
+
+
+def _autograd_loop(lin, u: Tensor, h0: Tensor | None) -> Tensor:
+    """T steps differentiated by autograd step by step (the "loop" method)."""
+    h, out = h0, []
+    for u_t in u.unbind(1):  # one unbind: indexing u[:, t] would cost a full-size grad per step
+        h = u_t if h is None else lin.apply(h) + u_t
         out.append(h)
     return torch.stack(out, 1)  # (B, T, D)
 
@@ -479,18 +496,27 @@ def scan_costs(op: LinearOp, B: int, T: int, D: int, device: torch.device) -> di
     }
 
 
-def choose_method(op: LinearOp, B: int, T: int, D: int, device: torch.device) -> str:
+def choose_method(
+    op: LinearOp, B: int, T: int, D: int, device: torch.device, grad: bool = False
+) -> str:
     """Pick the algorithm with the lowest modelled cost for this shape and device.
 
     A dense step with few rows is memory-bound on a CPU and launch-bound on a GPU, so the
     chunked scan's fewer, wider products win for small batches, and the loop (half the
     flops, no D^3 powers) wins for wide batches or large D. Elementwise steps are cheap:
-    the loop wins unless per-step overhead dominates (tiny B * D, or any GPU).
+    the loop wins unless per-step overhead dominates (tiny B * D, or any GPU). With `grad`
+    on a CPU, an elementwise loop is best differentiated step by step by autograd ("loop"):
+    its small per-step gradients stay in cache, while the custom backward streams the whole
+    (B, T, D) trajectory several times (benchmarks/results/scan_cpu.md).
     """
     if T < 8:  # nothing to gain
-        return "sequential"
-    costs = scan_costs(op, B, T, D, device)
-    return min(costs, key=costs.get)
+        best = "sequential"
+    else:
+        costs = scan_costs(op, B, T, D, device)
+        best = min(costs, key=costs.get)
+    if best == "sequential" and grad and isinstance(op, BlockDiagOp) and device.type == "cpu":
+        return "loop"
+    return best
 
 
 def scan(
@@ -508,7 +534,7 @@ def scan(
         op: the transition A (`DenseOp` or `BlockDiagOp`).
         u: inputs ``(B, T, D)``.
         h0: state before the first step ``(B, D)``, or None for zero.
-        method: "auto" | "sequential" | "chunked" | "doubling".
+        method: "auto" | "loop" (plain autograd) | "sequential" | "chunked" | "doubling".
         chunk: chunk length for "chunked" (default about sqrt(T/2)).
         precision: "fp32" | "tf32" | "bf16" | "fp16", of the dense products (module
             docstring); the backward uses `grad_precision(precision)`.
@@ -528,6 +554,11 @@ def scan(
     if T == 0:
         return u.clone()
     if method == "auto":
-        method = choose_method(op, B, T, D, u.device)
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, h0, *op)
+        )
+        method = choose_method(op, B, T, D, u.device, grad)
+    if method == "loop":
+        return _autograd_loop(prepare(op, precision), u, h0)
     K = chunk or default_chunk(T)
     return _LinearScan.apply(method, K, precision, type(op), u, h0, *op)
