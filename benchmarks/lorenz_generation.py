@@ -30,7 +30,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from warp_phys import get_system
-from warp_phys.simulate import MIN_WORKER_BATCH, simulate
+from warp_phys.simulate import MIN_WORKER_BATCH, default_workers, simulate
 
 RTOL = ATOL = 1e-8  # the task's tolerances, both sides
 REF_TOL = 1e-12  # the accuracy reference
@@ -110,20 +110,23 @@ def run(args: argparse.Namespace) -> dict:
     load_start = load()
 
     simulate(system, y[:64], p[:64], tt[:50])  # warm-up: torch's first-call costs
-    ours, runs = None, {str(w): {"walls": [], "cpus": []} for w in args.workers}
+    configs = ["default"] + [str(w) for w in args.workers]  # "default": workers=None
+    ours, runs = None, {c: {"walls": [], "cpus": [], "processes": []} for c in configs}
 
     def time_ours() -> None:  # each configuration, once per call
         nonlocal ours
-        for w in args.workers:
+        for c in configs:
+            w = None if c == "default" else int(c)
+            used = max(1, min(w or default_workers(), args.n // MIN_WORKER_BATCH))
             ys, wall, cpu = timed(
                 lambda w=w: simulate(system, y, p, tt, rtol=RTOL, atol=ATOL, workers=w).numpy()
             )
-            print(f"warp_phys dop853, workers={w}: {args.n} in {wall:.2f} s", flush=True)
+            print(f"warp_phys dop853, {used} process(es) ({c}): {args.n} in {wall:.2f} s")
             if ours is not None and not np.array_equal(ys, ours):
                 raise AssertionError("results must not depend on the number of workers")
             ours = ys
-            runs[str(w)]["walls"].append(wall)
-            runs[str(w)]["cpus"].append(cpu)
+            for key, value in (("walls", wall), ("cpus", cpu), ("processes", used)):
+                runs[c][key].append(value)
 
     # Ours is timed before and after the long scipy loop and averaged, so that both sides
     # see the same mix of load from other jobs on this shared machine.
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
     if tde is not None:
         accuracy["torchdiffeq_dopri5"] = max_errors(tde, ref, early)
     ratio = accuracy["warp_phys"]["max_t_le_1"] / accuracy["scipy_loop"]["max_t_le_1"]
-    headline = str(args.workers[-1])
+    headline = "default"
     speedups = {w: loop_wall_n / r["wall"] for w, r in runs.items()}
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -225,20 +228,20 @@ def markdown(r: dict) -> str:
             f"| torchdiffeq dopri5, one batched call | {t['torchdiffeq_dopri5_wall']:.2f} "
             f"| {r['speedup_torchdiffeq_dopri5']:.0f}x |"
         )
-    for w, run_ in t["warp_phys_by_workers"].items():
-        used = max(1, min(int(w), task["n"] // MIN_WORKER_BATCH))  # as simulate splits
-        name = f"warp_phys `simulate` (dop853, {used} process{'es' if used > 1 else ''})"
-        cells = f"{run_['wall']:.2f} | {r['speedup_by_workers'][w]:.0f}x"
-        if w == t["headline_workers"]:
-            cells = " | ".join(f"**{c.strip()}**" for c in cells.split("|"))
-            name = f"**{name}, the default**"
+    label = {}
+    for c, run_ in t["warp_phys_by_workers"].items():
+        used = "/".join(str(n) for n in sorted(set(run_["processes"])))
+        label[c] = f"{used} process{'es' if used != '1' else ''}"
+        name = f"warp_phys `simulate` (dop853, workers={c}: {label[c]})"
+        cells = f"{run_['wall']:.2f} | {r['speedup_by_workers'][c]:.0f}x"
+        if c == t["headline_workers"]:
+            cells = " | ".join(f"**{x.strip()}**" for x in cells.split("|"))
+            name = f"**warp_phys `simulate` (dop853, the default: {label[c]})**"
         lines.append(f"| {name} | {cells} |")
-    cpu = ", ".join(
-        f"{w} worker(s) {run_['cpu']:.2f} s" for w, run_ in t["warp_phys_by_workers"].items()
-    )
+    runs = t["warp_phys_by_workers"].items()
+    cpu = ", ".join(f"{label[c]} ({c}) {run_['cpu']:.2f} s" for c, run_ in runs)
     each = "; ".join(
-        f"{w} worker(s): " + ", ".join(f"{x:.2f}" for x in run_["walls"])
-        for w, run_ in t["warp_phys_by_workers"].items()
+        f"{label[c]} ({c}): " + ", ".join(f"{x:.2f}" for x in run_["walls"]) for c, run_ in runs
     )
     lines += [
         "",
@@ -290,7 +293,7 @@ def main() -> None:
         type=int,
         nargs="+",
         default=None,
-        help="worker counts to time; the last is the headline (default: 1, cores)",
+        help="worker counts to time besides the default (workers=None; default: 1 and cores)",
     )
     p.add_argument("--skip-torchdiffeq", action="store_true", help="do not time torchdiffeq")
     p.add_argument("--seed", type=int, default=0)

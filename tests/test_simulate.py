@@ -27,7 +27,7 @@ def test_trajectory_bytes_do_not_depend_on_batch_composition(name: str, monkeypa
     ts = system.times()
     ts = ts[: max(2, len(ts) // 4)]  # the first quarter of the span is enough, and 4x cheaper
     whole = simulate(system, y0, params, ts, workers=1)
-    # Shuffled, and split over two threads (allowed down to one trajectory per thread here).
+    # Shuffled, and split between two worker processes (allowed down to one trajectory each).
     monkeypatch.setattr(sim, "MIN_WORKER_BATCH", 1)
     perm = torch.randperm(N_TRAJ, generator=torch.Generator().manual_seed(0))
     shuffled = simulate(system, y0[perm], params[perm], ts, workers=2)
@@ -39,8 +39,10 @@ def test_trajectory_bytes_do_not_depend_on_batch_composition(name: str, monkeypa
 
 
 def test_solver_arithmetic_is_elementwise_without_padding(monkeypatch) -> None:
-    # Lorenz-63's field uses only correctly rounded operations, so even without the SIMD
-    # padding every lane must round alike: this isolates the solver's own arithmetic.
+    # Without the SIMD padding, lanes in scalar remainder loops must still round like the
+    # vectorised ones. That holds for Lorenz-63's field and the solver's own elementwise ops
+    # (mul, add, addcmul, sqrt, div) on torch's x86-64 builds, so a failure here means a
+    # batch-shaped reduction crept into the solver.
     monkeypatch.setattr(sim, "LANES", 1)
     system, y0, params = _sample("lorenz63")
     ts = system.times()[:250]
@@ -150,6 +152,7 @@ def test_wrong_shape_vector_field_is_a_user_error() -> None:
         ({"method": "rk45"}, "unknown integration method 'rk45'.*dop853"),
         ({"method": "torchdiffeq:nope"}, "dopri5"),
         ({"rtol": 0.0}, "rtol must be a positive"),
+        ({"workers": 0}, "workers must be a positive integer"),
         ({"y0": torch.full((2, 1), 0.5), "params": torch.ones(2, 1)}, "finer than float32"),
     ],
 )
@@ -159,7 +162,7 @@ def test_bad_arguments_are_user_errors(kwargs: dict, match: str) -> None:
         "params": torch.ones(2, 1, dtype=torch.float64),
         "ts": torch.linspace(0.0, 1.0, 5, dtype=torch.float64),
     } | kwargs
-    options = {k: args.pop(k) for k in ("method", "rtol") if k in args}
+    options = {k: args.pop(k) for k in ("method", "rtol", "workers") if k in args}
     with pytest.raises(UserError, match=match):
         simulate(Blowup(), args["y0"], args["params"], args["ts"], **options)
 

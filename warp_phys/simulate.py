@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import numbers
 import os
 import pickle
 import signal
@@ -103,8 +104,8 @@ def simulate(
         atol: absolute tolerance.
         index_offset: added to trajectory indices in error messages (the chunk's start).
         workers: processes, each integrating a contiguous slice of at least `MIN_WORKER_BATCH`
-            trajectories (default: the available cores; Linux only, forked). The result does
-            not depend on it.
+            trajectories (Linux, forked; default `default_workers()`, the idle cores). The
+            result does not depend on it.
 
     Returns:
         ``(B, T, S)`` states, batch first.
@@ -116,6 +117,8 @@ def simulate(
     y0, params, ts = _check_inputs(system, y0, params, ts)
     integrator_attrs(method, rtol, atol)  # validates method and tolerances
     _check_tolerance(rtol, y0.dtype)
+    if workers is not None and not (isinstance(workers, int) and workers >= 1):
+        raise UserError(f"workers must be a positive integer or None (all cores); got {workers!r}")
     native = not method.startswith(TORCHDIFFEQ_PREFIX)
     _check_field(system, y0, params, ts[:1].expand(len(y0)) if native else ts[0])
     if native:
@@ -132,7 +135,8 @@ def integrator_attrs(
 ) -> dict:
     """Return a JSON-able description of the integrator, for store attributes."""
     for name, tol in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
+        real = isinstance(tol, numbers.Real) and not isinstance(tol, bool)
+        if not (real and math.isfinite(tol) and tol > 0):
             raise UserError(f"{name} must be a positive finite number; got {tol!r}")
     common = {"rtol": float(rtol), "atol": float(atol), "dtype": str(dtype).removeprefix("torch.")}
     if method == "dop853":
@@ -257,7 +261,7 @@ class _Stuck(Exception):
 def _dop853_batched(system, y0, params, ts, rtol, atol, index_offset, workers) -> Tensor:
     """Solve contiguous slices of the batch in parallel; turn a stuck trajectory into an error."""
     B, S = y0.shape
-    n = max(1, min(workers or _available_cores(), B // MIN_WORKER_BATCH))
+    n = max(1, min(workers or default_workers(), B // MIN_WORKER_BATCH))
     n = n if _CAN_FORK and y0.device.type == "cpu" else 1  # CUDA does not survive a fork
     bounds = [(B * i // n, B * (i + 1) // n) for i in range(n)]
 
@@ -295,8 +299,15 @@ def _dop853_batched(system, y0, params, ts, rtol, atol, index_offset, workers) -
     return ys
 
 
-def _available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def default_workers() -> int:
+    """Return the cores not already busy: available cores less the 1-minute load, at least 1.
+
+    On a shared machine whose cores other jobs keep busy, a second worker only competes for
+    them and costs more CPU (each one steps its own, smaller batch); on an idle one it pays.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores or 1, round((cores or 1) - busy)))
 
 
 class _Child:
