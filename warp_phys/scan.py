@@ -256,13 +256,14 @@ class Residual:
         h: Tensor,
         anchor: Anchor | None = None,
         *,
+        add: Tensor | None = None,
         update: tuple[Tensor, Tensor] | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        """Return A h (+ U V) for h ``(..., D)``: h + h Rᵀ, the identity part exact.
+        """Return A h (+ add + U V) for h ``(..., D)``: h + h Rᵀ, the identity part exact.
 
-        update: (U ``(..., k)``, V ``(k, D)``), a low-rank input added in IEEE float32.
-        out: write the result there (no autograd).
+        add: an input ``(..., D)``; update: (U ``(..., k)``, V ``(k, D)``), a low-rank input
+        added in IEEE float32; out: write the result there (no autograd).
         """
         flat = h.reshape(-1, h.shape[-1])  # (N, D)
         base, x = flat, flat
@@ -271,17 +272,21 @@ class Residual:
             x = flat - anchor.a
             if self.low is not None and flat.is_cuda and not torch.is_grad_enabled():
                 x = torch.sub(flat, anchor.a, out=flat.new_empty(flat.shape, dtype=self.low.dtype))
+        if add is not None:
+            add = add.reshape(flat.shape)
+            base = base + add if base is flat or torch.is_grad_enabled() else base.add_(add)
         if update is not None:
             U, V = update
             with _mode("fp32", h):
                 base = torch.addmm(base, U.reshape(-1, U.shape[-1]), V)  # (N, D)
+        dest = None if out is None else out.view(flat.shape)  # (N, D), a view of out
         if self.low is None:  # fp32, tf32 on CUDA, float64: one addmm, identity in its epilogue
             with _mode(self.precision, h):
-                return torch.addmm(base, x, self.R.mT, out=out).view(h.shape)
+                return torch.addmm(base, x, self.R.mT, out=dest).view(h.shape)
         p = self.product(x, scaled=True)
         if self.inv is not None:
-            return torch.addcmul(base, p, self.inv, out=out).view(h.shape)
-        return torch.add(base, p, out=out).view(h.shape)
+            return torch.addcmul(base, p, self.inv, out=dest).view(h.shape)
+        return torch.add(base, p, out=dest).view(h.shape)
 
 
 class Elementwise:
@@ -299,11 +304,13 @@ class Elementwise:
     def anchor(self, a: Tensor) -> None:
         return None
 
-    def apply(self, h: Tensor, anchor: None = None, *, update=None, out=None) -> Tensor:
-        """Return A h (+ U V), as `Residual.apply`."""
+    def apply(self, h: Tensor, anchor: None = None, *, add=None, update=None, out=None) -> Tensor:
+        """Return A h (+ add + U V), as `Residual.apply`."""
         r = h * self.alpha
         if self.op.a.shape[0]:
             r = torch.addcmul(r, h.index_select(-1, self.swap), self.beta)
+        if add is not None:
+            r = r + add
         if update is not None:
             U, V = update
             r = r + U @ V
@@ -357,7 +364,8 @@ def _sequential(
             h = u[:, t]
         else:
             anchor = anchor or lin.anchor(h)  # the first state multiplied
-            h = lin.apply(h, anchor) + u[:, t]
+            h = lin.apply(h, anchor, add=u[:, t], out=out[:, t])
+            continue
         out[:, t] = h
     return out
 
@@ -397,8 +405,7 @@ def _chunked(
     h = starts
     anchor = lin.anchor(starts)
     for j in range(K):
-        h = lin.apply(h, anchor) + uc[:, :, j]  # (B, C, D)
-        out[:, :, j] = h
+        h = lin.apply(h, anchor, add=uc[:, :, j], out=out[:, :, j])  # (B, C, D)
     return out.view(B, C * K, D)[:, :T]
 
 
