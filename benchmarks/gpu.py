@@ -282,7 +282,7 @@ def bench_scan(B, T, D, pad, sizes, dev, a_scale, res: Results, precisions) -> N
     R, h0, u = R64.float(), h064.float(), u64.float()
     w = torch.randn(B, T, Dp, device=dev)
     del u64, h064
-    warm, reps = sizes["warmup"], sizes["reps"]
+    reps = sizes["reps"]
 
     def err(got):
         return float((got.double() - ref).norm() / ref.norm())
@@ -313,11 +313,11 @@ def bench_scan(B, T, D, pad, sizes, dev, a_scale, res: Results, precisions) -> N
             def case(m=m, p=p):
                 with torch.no_grad():
                     r = timed(
-                        lambda: scan(DenseOp(R), u, h0, method=m, precision=p), dev, warm, reps
+                        lambda: scan(DenseOp(R), u, h0, method=m, precision=p), dev, 1, reps, 1.5
                     )
                     r["err"] = err(scan(DenseOp(R), u, h0, method=m, precision=p))
                 fn = fwd_bwd(lambda o, x, h: scan(o, x, h, method=m, precision=p))
-                r["fwd_bwd"] = timed(fn, dev, warm, reps)
+                r["fwd_bwd"] = timed(fn, dev, 1, reps, 1.5)
                 r["auto"] = m == auto
                 if "ms" in loop:
                     r["ratio_fwd"] = loop["ms"] / r["ms"]
@@ -392,17 +392,21 @@ def accuracy(model: WARP, ys: torch.Tensor, precision: str, model64: WARP) -> di
         out["theta_rel_last_step"] = rel(th[:, -1], th64[:, -1])
         out["theta_drift"] = rel(th64, th64[:, :1].expand_as(th64))  # |θ_t - θ_0| / |θ|
     del th, th64
-    losses, grads = [], []
+    losses, preds, grads = [], [], []
     for m, y in ((model, ys), (model64, ys.double())):
         m.zero_grad(set_to_none=True)
         gen = torch.Generator(device=dev).manual_seed(1)
-        loss = ar_loss(m, y, generator=gen)
+        pred = m(y, context=1, teacher_prob=0.25, generator=gen).mean
+        loss = 0.5 * ((pred - y[:, 1:]) ** 2).mean()
         loss.backward()
         losses.append(loss.detach())
+        preds.append(pred.detach())
         grads.append(torch.cat([q.grad.flatten().double() for q in m.parameters()]))
         m.zero_grad(set_to_none=True)
     out["loss"] = float(losses[1])
     out["loss_rel"] = abs(float(losses[0]) - float(losses[1])) / abs(float(losses[1]))
+    # an untrained root predicts ~0, so the loss is mostly |y|²: the predictions are stricter
+    out["ar_pred_rel"] = rel(preds[0], preds[1])
     out["grad_rel"] = rel(grads[0], grads[1])
     out["pass"] = out["theta_rel"] <= TARGET_THETA_REL and out["loss_rel"] <= TARGET_LOSS_REL
     return out
@@ -499,7 +503,7 @@ def bench_long(sizes, dev, res: Results, args) -> None:
     model = paper_model(sizes, dev, args.a_scale, args.b_scale)
     ys = msd_data(sizes["B"], sizes["T_long"], dev, seed=2)
     one = dict(sizes, warmup=1, reps=2)
-    graph = dev.type == "cuda"
+    graph = False  # an out-of-memory error inside a graph capture could poison the context
     p = model.resolved_precision(dev)
     for kind in ("ar", "tf"):
         for K in (sizes["ckpt"], 0):
@@ -669,7 +673,7 @@ def markdown(res: Results) -> str:
         ]
         for k, v in d["accuracy"].items():
             if "error" in v:
-                lines.append(f"| {k} | {v['error'][:80]} | | | | | |")
+                lines.append(f"| {k} | {v['error'][:80]} | | | | | | |")
                 continue
             lines.append(
                 f"| {k} | {v['theta_rel']:.2e} | {v['theta_rel_last_step']:.2e} | "
@@ -796,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
         summarize(res, dev)
         (args.out / "gpu.md").write_text(markdown(res))
     meta["total_s"] = round(time.perf_counter() - t0, 1)
+    from warp_phys.scan import _MM_OUT_DTYPE
+
+    meta["mm_out_dtype_float32"] = _MM_OUT_DTYPE[0] if _MM_OUT_DTYPE else None
     summarize(res, dev)
     text = markdown(res)
     (args.out / "gpu.md").write_text(text)
