@@ -331,7 +331,8 @@ class WARP(nn.Module):
             def chunk(h_prev, t0=t0):
                 return self._tf_chunk(op, spec, theta0, t0, min(t0 + K, L), h_prev)[1:]
 
-            h, mean, std = checkpoint(chunk, h, use_reentrant=False)
+            # no random draws inside: not saving the RNG state keeps CUDA-graph capture legal
+            h, mean, std = checkpoint(chunk, h, use_reentrant=False, preserve_rng_state=False)
             means.append(mean)
             stds.append(std)
         return h, None, torch.cat(means, 1), None if stds[0] is None else torch.cat(stds, 1)
