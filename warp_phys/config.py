@@ -48,6 +48,12 @@ class ModelConfig:
     init_state: str = "hypernet"  # hypernet (paper's φ(y_0)) | learned
     hold_after_context: bool = False  # physics priors: keep θ fixed through the forecast
     pad_to: int = 1  # pad Dθ to a multiple of this (128 on GPUs)
+    transition_options: dict[str, Any] = field(default_factory=dict)  # e.g. rotation frequencies
+    time_channel: bool = False  # add τ to the inputs of B (the paper's optional time channel)
+    precision: str = "auto"  # dense products: fp32 | tf32 | bf16 | auto (fastest accurate per device)
+    checkpoint_every: int = 0  # recompute activations per chunk of this many steps (0 = off)
+    compile: bool = False  # torch.compile the root network (GPU)
+    scan_method: str = "auto"  # auto | sequential | chunked | doubling | loop
     hidden: int = 128  # GRU/LSTM hidden size
     normalize: bool = True  # feed the network standardised states (never for physics priors)
 

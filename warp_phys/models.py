@@ -60,6 +60,12 @@ def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
             init_state=cfg.init_state,
             hold_after_context=cfg.hold_after_context,
             pad_to=cfg.pad_to,
+            transition_options=cfg.transition_options,
+            time_channel=cfg.time_channel,
+            precision=cfg.precision,
+            checkpoint_every=cfg.checkpoint_every,
+            compile=cfg.compile,
+            scan_method=cfg.scan_method,
         )
     elif cfg.kind == "gru":
         model = GRUForecaster(state_dim=data.state_dim, hidden=cfg.hidden)
