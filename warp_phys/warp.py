@@ -571,10 +571,10 @@ class _Rollout(torch.autograd.Function):
             for acc, g in zip(g_op, op.param_grads(G, H[:-1], gprec), strict=True):
                 acc += g
             dx = (xs[i0 + 1 : i1 + 1] - xs[i0:i1]).reshape(-1, S)  # (k B, S)
-            Gd = G[..., :D].reshape(-1, D)  # (k B, D)
-            g_params[0] += Gd.mT @ dx  # dL/dW, (D, S)
+            G2 = G.view(-1, Dp)  # (k B, Dp); padding sliced off the small results, no copy
+            g_params[0] += (G2.mT @ dx)[:D]  # dL/dW, (D, S)
             if model.time_map is not None:
-                g_params[1] += spec.dtau * Gd.sum(0)
+                g_params[1] += spec.dtau * G2.sum(0)[:D]
         return (None, None, None, None, gh, gm, g_base, *g_op, *g_params)
 
 
