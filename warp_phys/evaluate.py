@@ -119,8 +119,8 @@ def recovered_params(model: nn.Module, data: Dataset, split: str, context: int, 
                      device: torch.device | str = "cpu", batch: int = 256) -> dict:
     """Physical parameters read at the end of the context against the true ones.
 
-    Returns {} for black-box models. Reports each learned parameter and each identifiable
-    combination the system declares (e.g. k/m for the MSD) with the median relative error.
+    Returns {} for black-box models. Reports the identifiable combinations the system declares
+    (e.g. k/m for the MSD), else each learned parameter, with the median relative error.
     """
     fn = getattr(model, "physical_params", None)
     if fn is None:
@@ -156,13 +156,16 @@ def _learned_names(model: nn.Module) -> set[str] | None:
 
 
 def _identifiable(data: Dataset, est: dict, truth: dict, learned: set[str] | None) -> dict:
-    """Pairs (estimate, truth) of each learned parameter and each identifiable combination."""
+    """Pairs (estimate, truth): the system's identifiable combinations when it declares them
+    (the MSD's trajectories fix k/m and c/m, never m, k, c alone), else each learned parameter."""
+    declared = getattr(data.system, "identifiable", {})
     pairs = {
         n: (est[n], truth[n])
         for n in est
-        if n in truth and data.system.params[n].train is not None and (learned is None or n in learned)
+        if not declared and n in truth and data.system.params[n].train is not None
+        and (learned is None or n in learned)
     }
-    for name, fn in getattr(data.system, "identifiable", {}).items():
+    for name, fn in declared.items():
         if all(n in est for n in data.parameter):
             pe = np.stack([est[n] for n in data.parameter], -1)
             pt = np.stack([truth[n] for n in data.parameter], -1)

@@ -75,9 +75,9 @@ def plot_forecasts(ds: xr.Dataset, path: Path, n: int = 3) -> None:
             ax.set_ylabel(s)
             if row == n - 1:
                 ax.set_xlabel("t")
-    fig.legend(loc="upper center", ncol=len(ds.model) + 2, fontsize=8)
-    fig.suptitle(f"{ds.attrs['system']} ({ds.attrs['split']}), example forecasts", y=0.995, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(loc="lower center", ncol=len(ds.model) + 2, fontsize=8)
+    fig.suptitle(f"{ds.attrs['system']} ({ds.attrs['split']}), example forecasts", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
