@@ -24,6 +24,7 @@ instead: one step size shared by the whole batch, so results depend on the batch
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import numbers
@@ -321,10 +322,12 @@ class _Child:
         self._buffer = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)  # MAP_SHARED
         self.out = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
         read, write = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             try:
                 os.close(read)
+                _die_with(parent)
                 self.out.copy_(solve(lo, hi))
                 msg = None
             except _Stuck as e:
@@ -363,6 +366,13 @@ class _Child:
             os.waitpid(self.pid, 0)
             os.close(self._read)
             self.pid = None
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this (child) process when `parent` dies, e.g. by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _pickle(msg) -> bytes:
