@@ -76,16 +76,13 @@ class SymbolicSystem(System):
         ys = y.unbind(-1)
         ps = tuple(getattr(p, n) for n in self.params)
         rows = self._field(t, ys, ps)
-        return torch.stack([torch.as_tensor(r, dtype=y.dtype, device=y.device).expand_as(ys[0]) for r in rows], -1)
+        return torch.stack([_full(r, ys[0]) for r in rows], -1)
 
     def jacobian(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
         ys = y.unbind(-1)
         ps = tuple(getattr(p, n) for n in self.params)
         rows = self._jac(t, ys, ps)
-        full = [
-            torch.stack([torch.as_tensor(e, dtype=y.dtype, device=y.device).expand_as(ys[0]) for e in row], -1)
-            for row in rows
-        ]
+        full = [torch.stack([_full(e, ys[0]) for e in row], -1) for row in rows]
         return torch.stack(full, -2)  # (..., state, state)
 
     @property
@@ -99,3 +96,10 @@ class SymbolicSystem(System):
             rf"\dot{{{sympy.latex(y)}}} = {sympy.latex(e)}"
             for y, e in zip(ys, self.expressions, strict=True)
         ]
+
+
+def _full(value, like: Tensor) -> Tensor:
+    """Return `value` (a tensor or a constant of a sympy row) with the shape of `like`."""
+    if isinstance(value, Tensor) and value.shape == like.shape:
+        return value  # the common case: no extra op on the integrator's hot path
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).expand_as(like)

@@ -14,7 +14,9 @@ vector field ``f(t, y, p)``:
             return torch.stack((v, -(p.k * x + p.c * v) / p.m), dim=-1)
 
 `y` is ``(..., state)`` and each ``p.name`` a tensor broadcastable to ``y[..., 0]``, so one
-call advances trajectories with different parameters. `SymbolicSystem` (symbolic.py) derives
+call advances trajectories with different parameters. `t` is a scalar tensor or, from the
+built-in integrator (each trajectory keeps its own clock), a ``(...)`` tensor that broadcasts
+like a parameter. `SymbolicSystem` (symbolic.py) derives
 the vector field, its Jacobian and LaTeX from sympy expressions instead.
 """
 
