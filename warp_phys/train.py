@@ -111,7 +111,9 @@ def load_weights(model: nn.Module, weights: dict, path: Path) -> None:
 
 @torch.no_grad()
 def val_score(model: nn.Module, ys: Tensor, scale: Tensor, context: int, batch: int) -> float:
-    """Mean forecast MSE on validation trajectories (standardised units): the selection score."""
+    """Mean forecast MSE on validation trajectories (standardised units): the selection score.
+
+    A diverged forecast scores inf (never NaN, which would compare false against everything)."""
     model.eval()
     total = 0.0
     for i in range(0, len(ys), batch):
@@ -120,7 +122,7 @@ def val_score(model: nn.Module, ys: Tensor, scale: Tensor, context: int, batch: 
         err = ((out.mean[:, context - 1 :] - y[:, context:]) / scale) ** 2
         total += float(err.mean(dim=(1, 2)).sum())
     model.train()
-    return total / len(ys)
+    return total / len(ys) if math.isfinite(total) else math.inf
 
 
 def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfig | None = None,
@@ -177,7 +179,7 @@ def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfi
                   "time": time.perf_counter() - start}
         if state.step % tcfg.eval_every == 0 or state.step == tcfg.steps:
             record["val"] = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
-            if record["val"] < state.best_val:
+            if record["val"] < state.best_val or state.best_step < 0:  # NaN never wins, but keep one
                 state.best_val, state.best_step = record["val"], state.step
                 save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
         state.history.append(record)
@@ -189,7 +191,7 @@ def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfi
         record_val = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
         if state.history:
             state.history[-1]["val"] = record_val
-        if record_val < state.best_val:
+        if record_val < state.best_val or state.best_step < 0:
             state.best_val, state.best_step = record_val, state.step
             save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
     _checkpoint(run_dir, model, opt, state, gen, batch_rng)
