@@ -140,3 +140,27 @@ def test_checkpoint_of_another_model_is_refused(sine_store, tmp_path):
     cfg2, _ = tiny(sine_store, tmp_path, "model.prior_options={width=16, depth=1}")
     with pytest.raises(UserError, match="does not fit this model"):
         train_and_evaluate(cfg2, data, "warp", cfg2.model, tmp_path / "r", resume=True, progress=False)
+
+
+def test_a_run_whose_forecasts_diverge_still_keeps_a_checkpoint(sine_store, tmp_path, monkeypatch):
+    from warp_phys import train as train_mod
+
+    monkeypatch.setattr(train_mod, "val_score", lambda *a, **k: float("inf"))
+    cfg, data = tiny(sine_store, tmp_path)
+    train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    assert (tmp_path / "r" / "best.pt").is_file()
+    assert torch.load(tmp_path / "r" / "best.pt", weights_only=False)["step"] == 2
+
+
+def test_val_score_of_a_diverged_forecast_is_inf_not_nan(sine_store, tmp_path):
+    from warp_phys.train import val_score
+
+    class Exploding(torch.nn.Module):
+        def forward(self, ys, *, context, **kw):
+            from warp_phys.warp import Forecast
+
+            return Forecast(torch.full_like(ys[:, 1:], float("nan")), None)
+
+    cfg, data = tiny(sine_store, tmp_path)
+    ys = data.splits["val"].y
+    assert val_score(Exploding(), ys, data.scale(), 6, 4) == float("inf")
