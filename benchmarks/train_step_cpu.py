@@ -31,8 +31,16 @@ def time_steps(model, opt, ys, scale, *, context, teacher_prob, repeats) -> floa
     times = []
     for _ in range(repeats + 1):  # the first is warm-up
         t0 = time.perf_counter()
-        loss = step_loss(model, ys, scale, context=context, teacher_prob=teacher_prob, generator=gen,
-                         loss="mse", penalty_weight=0.0)
+        loss = step_loss(
+            model,
+            ys,
+            scale,
+            context=context,
+            teacher_prob=teacher_prob,
+            generator=gen,
+            loss="mse",
+            penalty_weight=0.0,
+        )
         opt.step(loss, 0.5)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
@@ -56,12 +64,19 @@ def main() -> None:
             torch.manual_seed(0)
             model = build_model(cfg.model_for(label), data)
             opt = Optimiser(cfg.train, list(model.parameters()))
-            tf = time_steps(model, opt, ys, scale, context=T, teacher_prob=0.0, repeats=args.repeats)
-            ar = time_steps(model, opt, ys, scale, context=L, teacher_prob=0.5, repeats=args.repeats)
+            tf = time_steps(
+                model, opt, ys, scale, context=T, teacher_prob=0.0, repeats=args.repeats
+            )
+            ar = time_steps(
+                model, opt, ys, scale, context=L, teacher_prob=0.5, repeats=args.repeats
+            )
             n = sum(p.numel() for p in model.parameters())
             rows.append((threads, label, n, tf * 1e3, ar * 1e3))
-            print(f"threads {threads} {label:10s} params {n:>10,}  teacher-forced {tf * 1e3:8.1f} ms  "
-                  f"autoregressive {ar * 1e3:8.1f} ms", flush=True)
+            print(
+                f"threads {threads} {label:10s} params {n:>10,}  teacher-forced {tf * 1e3:8.1f} ms  "
+                f"autoregressive {ar * 1e3:8.1f} ms",
+                flush=True,
+            )
     load = os.getloadavg()
     lines = [
         f"# One training step per model, preset `{args.preset}` (batch {cfg.train.batch_size}, T {T}, L {L})",

@@ -23,7 +23,9 @@ def ratios(r: dict, split: str) -> list[str]:
             continue
         wp = vals.pop("warp_phys")
         best = min(vals, key=vals.get)
-        lines.append(f"| {split} {name} | {wp:.3g} | {vals[best]:.3g} ({best}) | {vals[best] / wp:.1f}x |")
+        lines.append(
+            f"| {split} {name} | {wp:.3g} | {vals[best]:.3g} ({best}) | {vals[best] / wp:.1f}x |"
+        )
     return lines
 
 
@@ -31,18 +33,29 @@ def main() -> None:
     name, how = sys.argv[1], sys.argv[2]
     out = Path("runs/out") / name
     r = json.loads((out / "results.json").read_text())
-    lines = [f"<!-- recorded from runs/out/{name} (git-ignored) by runs/record_results.py -->", "", how, "",
-             "## WARP-Phys against the best other learned model", "",
-             "| figure | WARP-Phys | best other | ratio |", "|---|---|---|---|"]
+    lines = [
+        f"<!-- recorded from runs/out/{name} (git-ignored) by runs/record_results.py -->",
+        "",
+        how,
+        "",
+        "## WARP-Phys against the best other learned model",
+        "",
+        "| figure | WARP-Phys | best other | ratio |",
+        "|---|---|---|---|",
+    ]
     for split in ("test", "test_ood"):
         lines += ratios(r, split)
     rec = r["models"].get("warp_phys", {}).get("splits", {})
     for split in ("test", "test_ood"):
         for pname, v in rec.get(split, {}).get("recovery", {}).items():
-            lines.append(f"| {split} median relative error of recovered {pname} | "
-                         f"{100 * v['median_rel_error']:.1f}% | | |")
+            lines.append(
+                f"| {split} median relative error of recovered {pname} | "
+                f"{100 * v['median_rel_error']:.1f}% | | |"
+            )
     Path("runs/results").mkdir(exist_ok=True)
-    (Path("runs/results") / f"{name}.md").write_text("\n".join(lines) + "\n\n" + (out / "results.md").read_text())
+    (Path("runs/results") / f"{name}.md").write_text(
+        "\n".join(lines) + "\n\n" + (out / "results.md").read_text()
+    )
     print("\n".join(lines))
 
 

@@ -13,12 +13,22 @@ from warp_phys.config import load_config
 torch.set_num_threads(1)
 
 TINY_MSD = [
-    "name=tiny", "data.system=msd", "data.n_train=16", "data.n_val=4", "data.n_test=6",
-    "data.n_test_ood=6", "data.chunk=16", "train.steps=3", "train.eval_every=3",
-    "train.batch_size=4", "model.hidden=8", "model.prior_options={width=8, depth=1}",
+    "name=tiny",
+    "data.system=msd",
+    "data.n_train=16",
+    "data.n_val=4",
+    "data.n_test=6",
+    "data.n_test_ood=6",
+    "data.chunk=16",
+    "train.steps=3",
+    "train.eval_every=3",
+    "train.batch_size=4",
+    "model.hidden=8",
+    "model.prior_options={width=8, depth=1}",
     'models.warp={prior="blackbox"}',
     'models.warp_phys={prior="ode", hold_after_context=true, prior_options={fixed={m=0.03}, spread=3.0}}',
-    'models.gru={kind="gru"}', 'models.lstm={kind="lstm"}',
+    'models.gru={kind="gru"}',
+    'models.lstm={kind="lstm"}',
 ]
 
 
@@ -40,8 +50,14 @@ def test_compare_writes_results_table_plots_and_predictions(tiny_compare):
         assert res["n_params"] > 0 and res["train_seconds"] > 0
         for split in ("test", "test_ood"):
             r = res["splits"][split]
-            assert {"mse", "mae", "median_mse", "ratio_to_persistence", "ratio_to_zero",
-                    "ratio_to_linear_fit"} <= set(r)
+            assert {
+                "mse",
+                "mae",
+                "median_mse",
+                "ratio_to_persistence",
+                "ratio_to_zero",
+                "ratio_to_linear_fit",
+            } <= set(r)
         assert {"in_range", "out_of_range"} <= set(res["splits"]["test_ood"])
     rec = results["models"]["warp_phys"]["splits"]["test"]["recovery"]
     assert set(rec) == {"k/m", "c/m"}  # the MSD's identifiable combinations, not m, k, c alone
@@ -61,10 +77,14 @@ def test_predictions_open_in_xarray_with_truth_beside_each_model(tiny_compare):
 
 def test_compare_resume_reuses_finished_models(tiny_compare):
     out, summary = tiny_compare
-    cfg = load_config(None, TINY_MSD + [f'out_dir="{out.parent}"', f'data.path="{out.parent / "msd.zarr"}"'])
+    cfg = load_config(
+        None, TINY_MSD + [f'out_dir="{out.parent}"', f'data.path="{out.parent / "msd.zarr"}"']
+    )
     again = compare(cfg, resume=True, progress=False)
     for label, res in summary["models"].items():
-        assert again["models"][label]["splits"]["test"]["mse"] == pytest.approx(res["splits"]["test"]["mse"])
+        assert again["models"][label]["splits"]["test"]["mse"] == pytest.approx(
+            res["splits"]["test"]["mse"]
+        )
 
 
 def test_cli_evaluate_reexports_a_run(tiny_compare, capsys):

@@ -13,13 +13,17 @@ def test_defaults_load_without_preset():
 
 
 def test_set_overrides_parse_toml_values():
-    cfg = load_config(None, ["train.lr=3e-4", "model.anchored=false", "data.system=pendulum", "train.steps=7"])
+    cfg = load_config(
+        None, ["train.lr=3e-4", "model.anchored=false", "data.system=pendulum", "train.steps=7"]
+    )
     assert cfg.train.lr == 3e-4 and cfg.model.anchored is False
     assert cfg.data.system == "pendulum" and cfg.train.steps == 7
 
 
 def test_unknown_key_lists_valid_ones():
-    with pytest.raises(UserError, match=r"unknown config key train\.lrr; valid keys of \[train\]: .*lr"):
+    with pytest.raises(
+        UserError, match=r"unknown config key train\.lrr; valid keys of \[train\]: .*lr"
+    ):
         load_config(None, ["train.lrr=1"])
 
 

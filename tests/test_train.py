@@ -12,9 +12,18 @@ from warp_phys.run import evaluate_run, prepare_data, train_and_evaluate
 torch.set_num_threads(1)  # tiny models: one thread is faster than two busy ones
 
 TINY = [
-    "data.system=sine", "data.n_train=32", "data.n_val=8", "data.n_test=8", "data.n_test_ood=8",
-    "data.context=6", "data.chunk=16", "train.steps=8", "train.eval_every=2", "train.batch_size=8",
-    "model.prior_options={width=8, depth=1}", "model.hidden=8",
+    "data.system=sine",
+    "data.n_train=32",
+    "data.n_val=8",
+    "data.n_test=8",
+    "data.n_test_ood=8",
+    "data.context=6",
+    "data.chunk=16",
+    "train.steps=8",
+    "train.eval_every=2",
+    "train.batch_size=8",
+    "model.prior_options={width=8, depth=1}",
+    "model.hidden=8",
 ]
 
 
@@ -35,7 +44,15 @@ def tiny(sine_store, tmp_path, *extra):
 def test_train_writes_a_complete_run_directory(sine_store, tmp_path, kind):
     cfg, data = tiny(sine_store, tmp_path, f'model.kind="{kind}"')
     res = train_and_evaluate(cfg, data, kind, cfg.model, tmp_path / kind, progress=False)
-    for name in ("config.toml", "run.json", "best.pt", "last.pt", "history.json", "loss.png", "metrics.json"):
+    for name in (
+        "config.toml",
+        "run.json",
+        "best.pt",
+        "last.pt",
+        "history.json",
+        "loss.png",
+        "metrics.json",
+    ):
         assert (tmp_path / kind / name).is_file(), name
     metrics = json.loads((tmp_path / kind / "metrics.json").read_text())
     for split in ("test", "test_ood"):
@@ -112,8 +129,14 @@ def test_cuda_without_a_gpu_is_a_clear_error(sine_store, tmp_path):
         ('model.kind="transformer"', "unknown model 'transformer'; choose one of warp, gru, lstm"),
         ('model.prior="nope"', "unknown prior 'nope'; registered priors: "),
         ('model.prior="ode"', None),  # fine: sine has a registered ode prior
-        ('model.prior="ode"\nmodel.prior_options={system_name="msd"}', "has 2 states .* but the dataset has 1"),
-        ("model.prior_options={widht=8}", "unknown option 'widht' for prior 'blackbox'; its options are "),
+        (
+            'model.prior="ode"\nmodel.prior_options={system_name="msd"}',
+            "has 2 states .* but the dataset has 1",
+        ),
+        (
+            "model.prior_options={widht=8}",
+            "unknown option 'widht' for prior 'blackbox'; its options are ",
+        ),
     ],
 )
 def test_model_config_errors_name_the_valid_choices(sine_store, tmp_path, override, message):
@@ -128,10 +151,14 @@ def test_model_config_errors_name_the_valid_choices(sine_store, tmp_path, overri
 def test_resume_needs_a_readable_checkpoint(sine_store, tmp_path):
     cfg, data = tiny(sine_store, tmp_path)
     with pytest.raises(UserError, match="no checkpoint at .*last.pt; run without --resume"):
-        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False)
+        train_and_evaluate(
+            cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False
+        )
     (tmp_path / "r" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="last.pt is corrupt"):
-        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False)
+        train_and_evaluate(
+            cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False
+        )
 
 
 def test_checkpoint_of_another_model_is_refused(sine_store, tmp_path):
@@ -139,7 +166,9 @@ def test_checkpoint_of_another_model_is_refused(sine_store, tmp_path):
     train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
     cfg2, _ = tiny(sine_store, tmp_path, "model.prior_options={width=16, depth=1}")
     with pytest.raises(UserError, match="does not fit this model"):
-        train_and_evaluate(cfg2, data, "warp", cfg2.model, tmp_path / "r", resume=True, progress=False)
+        train_and_evaluate(
+            cfg2, data, "warp", cfg2.model, tmp_path / "r", resume=True, progress=False
+        )
 
 
 def test_a_run_whose_forecasts_diverge_still_keeps_a_checkpoint(sine_store, tmp_path, monkeypatch):

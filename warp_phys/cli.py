@@ -116,10 +116,18 @@ def print_summary(info: dict) -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="train/evaluate on this device")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its checkpoints"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -150,11 +158,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = prepare_data(cfg, progress=not args.no_progress)
     label = cfg.model.kind if cfg.model.kind != "warp" else f"warp-{cfg.model.prior}"
     run_dir = Path(args.out) if args.out else Path(cfg.out_dir) / cfg.name / label
-    res = train_and_evaluate(cfg, data, label, cfg.model, run_dir, resume=args.resume, progress=not args.no_progress)
+    res = train_and_evaluate(
+        cfg, data, label, cfg.model, run_dir, resume=args.resume, progress=not args.no_progress
+    )
     for split, r in res["metrics"]["splits"].items():
         m = r["model"]
-        print(f"{label} {split}: forecast MSE {m['mse']:.4g} (median {m['median_mse']:.4g}), "
-              f"linear-fit reference {r['references']['linear_fit']['mse']:.4g}")
+        print(
+            f"{label} {split}: forecast MSE {m['mse']:.4g} (median {m['median_mse']:.4g}), "
+            f"linear-fit reference {r['references']['linear_fit']['mse']:.4g}"
+        )
     print(f"run directory: {run_dir}")
     return 0
 
@@ -163,7 +175,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from warp_phys.run import EVAL_SPLITS, evaluate_run, load_run, predictions_dataset, write_predictions
+    from warp_phys.run import (
+        EVAL_SPLITS,
+        evaluate_run,
+        load_run,
+        predictions_dataset,
+        write_predictions,
+    )
 
     run_dir = Path(args.run_dir)
     cfg, label, _, data, _ = load_run(run_dir)
@@ -173,7 +191,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     shutil.rmtree(run_dir / "predictions.zarr", ignore_errors=True)
     write_predictions(run_dir / "predictions.zarr", ds)
     for split, r in res["metrics"]["splits"].items():
-        print(f"{label} {split}: forecast MSE {r['model']['mse']:.4g} (median {r['model']['median_mse']:.4g})")
+        print(
+            f"{label} {split}: forecast MSE {r['model']['mse']:.4g} (median {r['model']['median_mse']:.4g})"
+        )
     print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'predictions.zarr'}")
     return 0
 
@@ -279,14 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("preset", nargs="?", help="preset in runs/ (or .toml path, or system name)")
     p.add_argument("--data", help="zarr store made by `generate` (else the preset's dataset)")
-    p.add_argument("--model", choices=("warp", "gru", "lstm"), help="model kind (default: preset's)")
-    p.add_argument("--prior", help="root-network prior for warp: blackbox, ode, hybrid, ... (see README)")
+    p.add_argument(
+        "--model", choices=("warp", "gru", "lstm"), help="model kind (default: preset's)"
+    )
+    p.add_argument(
+        "--prior", help="root-network prior for warp: blackbox, ode, hybrid, ... (see README)"
+    )
     p.add_argument("--out", help="run directory (default runs/out/<name>/<model>)")
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="re-evaluate a run directory; export predictions")
-    p.add_argument("run_dir", help="a directory written by `train` (or a model folder of `compare`)")
+    p.add_argument(
+        "run_dir", help="a directory written by `train` (or a model folder of `compare`)"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="evaluate on this device")
     p.set_defaults(func=cmd_evaluate)
 
@@ -294,8 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="train WARP, WARP-Phys, GRU and LSTM on one dataset; table, plots, predictions",
     )
-    p.add_argument("target", nargs="?", default="msd_small",
-                   help="preset in runs/ or registered system (default msd_small)")
+    p.add_argument(
+        "target",
+        nargs="?",
+        default="msd_small",
+        help="preset in runs/ or registered system (default msd_small)",
+    )
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)
     return parser
@@ -317,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warp-phys: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("warp-phys: interrupted (rerun the same command, with --resume for train/compare, "
-              "to continue)", file=sys.stderr)
+        print(
+            "warp-phys: interrupted (rerun the same command, with --resume for train/compare, "
+            "to continue)",
+            file=sys.stderr,
+        )
         return 130

@@ -1,8 +1,8 @@
 """The compare workflow: same data, same budget, vanilla WARP vs WARP-Phys vs GRU vs LSTM.
 
-    runs/out/<name>/
-        results.json  results.md  forecasts.png  horizon.png  recovery.png  predictions.zarr
-        <label>/      one run directory per model (see run.py)
+runs/out/<name>/
+    results.json  results.md  forecasts.png  horizon.png  recovery.png  predictions.zarr
+    <label>/      one run directory per model (see run.py)
 """
 
 from __future__ import annotations
@@ -42,9 +42,16 @@ def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> d
     if not cfg.models:
         cfg = dataclasses.replace(cfg, models=DEFAULT_MODELS)
     out = Path(cfg.out_dir) / cfg.name
-    if out.exists() and any(out.iterdir()) and not resume and not (out / "results.json").exists() \
-            and not any((out / lab / "run.json").exists() for lab in cfg.models):
-        raise UserError(f"{out} exists and holds something else; pick another --set name=... or delete it")
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and not resume
+        and not (out / "results.json").exists()
+        and not any((out / lab / "run.json").exists() for lab in cfg.models)
+    ):
+        raise UserError(
+            f"{out} exists and holds something else; pick another --set name=... or delete it"
+        )
     data = prepare_data(cfg, progress=progress)
     results, preds = {}, {}
     for label in cfg.models:
@@ -55,17 +62,31 @@ def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> d
             got = evaluate_run(run_dir, cfg=cfg, data=data)
             got["train"] = json.loads((run_dir / "train_summary.json").read_text())
         else:
-            got = train_and_evaluate(cfg, data, label, model_cfg, run_dir,
-                                     resume=resume and (run_dir / "last.pt").exists(), progress=progress)
+            got = train_and_evaluate(
+                cfg,
+                data,
+                label,
+                model_cfg,
+                run_dir,
+                resume=resume and (run_dir / "last.pt").exists(),
+                progress=progress,
+            )
         results[label] = summarize(got)
         preds[label] = got["predictions"]
-    summary = {"name": cfg.name, "system": data.system.name, "data": str(data.path),
-               "context": cfg.data.context, "models": results}
+    summary = {
+        "name": cfg.name,
+        "system": data.system.name,
+        "data": str(data.path),
+        "context": cfg.data.context,
+        "models": results,
+    }
     (out / "results.json").write_text(json.dumps(_finite(summary), indent=2))
     table = results_table(summary)
     (out / "results.md").write_text(table)
-    datasets = {s: predictions_dataset(data, s, cfg.data.context, {k: v[s] for k, v in preds.items()})
-                for s in EVAL_SPLITS}
+    datasets = {
+        s: predictions_dataset(data, s, cfg.data.context, {k: v[s] for k, v in preds.items()})
+        for s in EVAL_SPLITS
+    }
     shutil.rmtree(out / "predictions.zarr", ignore_errors=True)
     write_predictions(out / "predictions.zarr", datasets)
     plot_forecasts(datasets["test_ood"], out / "forecasts.png")
@@ -86,10 +107,19 @@ def summarize(got: dict) -> dict:
         for part in ("in_range", "out_of_range"):
             if part in model:
                 row[part] = model[part]
-        row["references"] = {k: {"mse": v["mse"], "median_mse": v["median_mse"],
-                                 **({p: v[p] for p in ("in_range", "out_of_range") if p in v})}
-                             for k, v in res["references"].items()}
+        row["references"] = {
+            k: {
+                "mse": v["mse"],
+                "median_mse": v["median_mse"],
+                **({p: v[p] for p in ("in_range", "out_of_range") if p in v}),
+            }
+            for k, v in res["references"].items()
+        }
         row["recovery"] = res["recovery"]
         per_split[split] = row
-    return {"n_params": m["n_params"], "train_seconds": got["train"]["train_seconds"],
-            "train_steps": got["train"]["steps"], "splits": per_split}
+    return {
+        "n_params": m["n_params"],
+        "train_seconds": got["train"]["train_seconds"],
+        "train_steps": got["train"]["steps"],
+        "splits": per_split,
+    }

@@ -22,7 +22,9 @@ from typing import Any
 from warp_phys.errors import UserError
 
 # presets ship in the repository's runs/ folder; a runs/ folder in the working directory wins
-RUNS_DIR = Path("runs") if Path("runs").is_dir() else Path(__file__).resolve().parent.parent / "runs"
+RUNS_DIR = (
+    Path("runs") if Path("runs").is_dir() else Path(__file__).resolve().parent.parent / "runs"
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,9 @@ class ModelConfig:
     pad_to: int = 1  # pad Dθ to a multiple of this (128 on GPUs)
     transition_options: dict[str, Any] = field(default_factory=dict)  # e.g. rotation frequencies
     time_channel: bool = False  # add τ to the inputs of B (the paper's optional time channel)
-    precision: str = "auto"  # dense products: fp32 | tf32 | bf16 | auto (fastest accurate per device)
+    precision: str = (
+        "auto"  # dense products: fp32 | tf32 | bf16 | auto (fastest accurate per device)
+    )
     checkpoint_every: int = 0  # recompute activations per chunk of this many steps (0 = off)
     compile: bool = False  # torch.compile the root network (GPU)
     scan_method: str = "auto"  # auto | sequential | chunked | doubling | loop
@@ -63,7 +67,9 @@ class TrainConfig:
     optimizer: str = "adam"  # adam (cosine decay, grad-norm clip) | paper (AdaBelief, clip 1e-7)
     lr: float = 2e-3
     steps: int = 1500  # optimiser steps (the run also stops at max_seconds)
-    max_seconds: float = 0.0  # wall-clock budget; 0 = none. Schedules follow max(step, time) progress
+    max_seconds: float = (
+        0.0  # wall-clock budget; 0 = none. Schedules follow max(step, time) progress
+    )
     batch_size: int = 64
     teacher_forced_fraction: float = 0.5  # first part: one-step loss, parallel over time
     teacher_prob_start: float = 0.9  # then autoregressive, teacher forcing decaying linearly
@@ -89,7 +95,9 @@ class RunConfig:
 
     def model_for(self, label: str) -> ModelConfig:
         """Return [model] with the [models.label] overrides applied."""
-        return _build(ModelConfig, {**dataclasses.asdict(self.model), **self.models[label]}, "model")
+        return _build(
+            ModelConfig, {**dataclasses.asdict(self.model), **self.models[label]}, "model"
+        )
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -103,9 +111,11 @@ def _build(cls, values: dict[str, Any], where: str):
     for k, v in values.items():
         sub = {DataConfig: "data", ModelConfig: "model", TrainConfig: "train"}
         ftype = valid[k].type
-        target = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "TrainConfig": TrainConfig}.get(
-            ftype if isinstance(ftype, str) else getattr(ftype, "__name__", "")
-        )
+        target = {
+            "DataConfig": DataConfig,
+            "ModelConfig": ModelConfig,
+            "TrainConfig": TrainConfig,
+        }.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
         if target is not None:
             if not isinstance(v, dict):
                 raise UserError(f"config [{sub[target]}] must be a table; got {v!r}")
@@ -124,7 +134,9 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
     if t == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = {"int": int, "float": float, "bool": bool, "str": str}.get(t)
-    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+    if expected is not None and (
+        not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+    ):
         raise UserError(f"config key {key} must be {t}; got {value!r}")
     return value
 

@@ -67,8 +67,20 @@ def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
     if cfg.path and not path.exists() and not cfg.system:
         raise UserError(f"dataset {path} does not exist; give data.system to generate it")
     log.info("generating %s into %s", cfg.system, path)
-    counts = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "test_ood": cfg.n_test_ood}
-    generate_store(get_system(cfg.system), path, counts=counts, seed=cfg.seed, chunk=cfg.chunk, progress=progress)
+    counts = {
+        "train": cfg.n_train,
+        "val": cfg.n_val,
+        "test": cfg.n_test,
+        "test_ood": cfg.n_test_ood,
+    }
+    generate_store(
+        get_system(cfg.system),
+        path,
+        counts=counts,
+        seed=cfg.seed,
+        chunk=cfg.chunk,
+        progress=progress,
+    )
     return path
 
 
@@ -88,7 +100,9 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     try:
         system = get_system(system_name, **_ranges_from_attrs(first.attrs))
     except UserError as err:
-        raise UserError(f"store {path} was made by system {system_name!r}, which is not available: {err}") from None
+        raise UserError(
+            f"store {path} was made by system {system_name!r}, which is not available: {err}"
+        ) from None
     return Dataset(
         path=Path(path),
         system=system,
@@ -103,7 +117,11 @@ def _ranges_from_attrs(attrs: dict) -> dict:
     """Rebuild the range overrides a store was generated with, so `in range` checks match it."""
     out = {}
     if isinstance(attrs.get("ranges_train"), dict):
-        out["train_ranges"] = {k: tuple(v) for k, v in attrs["ranges_train"].items() if v[0] != v[1]}
+        out["train_ranges"] = {
+            k: tuple(v) for k, v in attrs["ranges_train"].items() if v[0] != v[1]
+        }
     if isinstance(attrs.get("ranges_test_ood"), dict):
-        out["test_ranges"] = {k: tuple(v) for k, v in attrs["ranges_test_ood"].items() if v[0] != v[1]}
+        out["test_ranges"] = {
+            k: tuple(v) for k, v in attrs["ranges_test_ood"].items() if v[0] != v[1]
+        }
     return out

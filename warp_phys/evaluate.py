@@ -19,8 +19,14 @@ from warp_phys.data import Dataset
 
 
 @torch.no_grad()
-def rollout(model: nn.Module, ys: Tensor, context: int, *, batch: int = 256,
-            device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
+def rollout(
+    model: nn.Module,
+    ys: Tensor,
+    context: int,
+    *,
+    batch: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor | None]:
     """Return the model's predictions of y_1..y_{T-1} ``(N, T-1, S)`` (and std) with context L."""
     model.eval()
     means, stds = [], []
@@ -36,7 +42,9 @@ def linear_fit_forecast(ys: Tensor, context: int) -> Tensor:
     """Fit y_{t+1} = E y_t + c on the context of each trajectory and roll it out, ``(N, T, S)``."""
     y = ys.double()
     N, T, S = y.shape
-    X = torch.cat([y[:, : context - 1], torch.ones(N, context - 1, 1, dtype=y.dtype)], -1)  # (N, L-1, S+1)
+    X = torch.cat(
+        [y[:, : context - 1], torch.ones(N, context - 1, 1, dtype=y.dtype)], -1
+    )  # (N, L-1, S+1)
     Y = y[:, 1:context]  # (N, L-1, S)
     W = torch.linalg.lstsq(X, Y).solution  # (N, S+1, S)
     out = y.clone()
@@ -80,8 +88,15 @@ def in_train_range(data: Dataset, params: np.ndarray) -> np.ndarray:
     return inside
 
 
-def evaluate_split(model: nn.Module, data: Dataset, split: str, context: int, *,
-                   device: torch.device | str = "cpu", batch: int = 256) -> dict:
+def evaluate_split(
+    model: nn.Module,
+    data: Dataset,
+    split: str,
+    context: int,
+    *,
+    device: torch.device | str = "cpu",
+    batch: int = 256,
+) -> dict:
     """Forecast metrics for one split, with references, robust figures and raw predictions."""
     ys = data.splits[split].y
     mean, std = rollout(model, ys, context, batch=batch, device=device)
@@ -100,7 +115,9 @@ def evaluate_split(model: nn.Module, data: Dataset, split: str, context: int, *,
         result["model"]["in_range"] = _subset(per, inside)
         result["model"]["out_of_range"] = _subset(per, ~inside)
         for k in refs:
-            per_ref = torch.tensor(result["references"][k]["per_trajectory_mse"], dtype=torch.float64)
+            per_ref = torch.tensor(
+                result["references"][k]["per_trajectory_mse"], dtype=torch.float64
+            )
             result["references"][k]["in_range"] = _subset(per_ref, inside)
             result["references"][k]["out_of_range"] = _subset(per_ref, ~inside)
     result["recovery"] = recovered_params(model, data, split, context, device=device, batch=batch)
@@ -115,8 +132,15 @@ def _subset(per: Tensor, mask: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def recovered_params(model: nn.Module, data: Dataset, split: str, context: int, *,
-                     device: torch.device | str = "cpu", batch: int = 256) -> dict:
+def recovered_params(
+    model: nn.Module,
+    data: Dataset,
+    split: str,
+    context: int,
+    *,
+    device: torch.device | str = "cpu",
+    batch: int = 256,
+) -> dict:
     """Physical parameters read at the end of the context against the true ones.
 
     Returns {} for black-box models. Reports the identifiable combinations the system declares
@@ -142,8 +166,12 @@ def recovered_params(model: nn.Module, data: Dataset, split: str, context: int, 
     out = {}
     for name, (e, t) in _identifiable(data, est, truth, learned).items():
         rel = np.abs(e - t) / np.maximum(np.abs(t), 1e-12)
-        out[name] = {"median_rel_error": float(np.median(rel)), "mean_rel_error": float(np.mean(rel)),
-                     "estimate": e.tolist(), "true": t.tolist()}
+        out[name] = {
+            "median_rel_error": float(np.median(rel)),
+            "mean_rel_error": float(np.mean(rel)),
+            "estimate": e.tolist(),
+            "true": t.tolist(),
+        }
     return out
 
 
@@ -162,12 +190,17 @@ def _identifiable(data: Dataset, est: dict, truth: dict, learned: set[str] | Non
     pairs = {
         n: (est[n], truth[n])
         for n in est
-        if not declared and n in truth and data.system.params[n].train is not None
+        if not declared
+        and n in truth
+        and data.system.params[n].train is not None
         and (learned is None or n in learned)
     }
     for name, fn in declared.items():
         if all(n in est for n in data.parameter):
             pe = np.stack([est[n] for n in data.parameter], -1)
             pt = np.stack([truth[n] for n in data.parameter], -1)
-            pairs[name] = (np.asarray(fn(data.system.view(pe))), np.asarray(fn(data.system.view(pt))))
+            pairs[name] = (
+                np.asarray(fn(data.system.view(pe))),
+                np.asarray(fn(data.system.view(pt))),
+            )
     return pairs

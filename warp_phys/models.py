@@ -50,7 +50,9 @@ def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
     if cfg.kind == "warp":
         root_cls = PRIORS.get(cfg.prior)
         physical = bool(getattr(root_cls, "physical_units", False))
-        root = build_root(cfg.prior, state_dim=data.state_dim, system=data.system, **cfg.prior_options)
+        root = build_root(
+            cfg.prior, state_dim=data.state_dim, system=data.system, **cfg.prior_options
+        )
         model = WARP(
             root=root,
             state_dim=data.state_dim,

@@ -51,12 +51,16 @@ class Optimiser:
 
     def __init__(self, cfg: TrainConfig, params: list[nn.Parameter]) -> None:
         if cfg.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            raise UserError(
+                f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
         self.cfg = cfg
         self.params = params
         if cfg.optimizer == "paper":
             self.opt = AdaBelief(params, lr=cfg.lr, eps=1e-16)
-            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, factor=0.5, patience=20)
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.opt, factor=0.5, patience=20
+            )
         else:
             self.opt = torch.optim.Adam(params, lr=cfg.lr)
             self.plateau = None
@@ -79,7 +83,10 @@ class Optimiser:
         return norm
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "plateau": self.plateau.state_dict() if self.plateau else None}
+        return {
+            "opt": self.opt.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])

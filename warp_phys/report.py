@@ -47,11 +47,21 @@ def results_table(summary: dict) -> str:
                 f"{_fmt(r.get('in_range', {}).get('mse', '-'))} | {_fmt(r.get('out_of_range', {}).get('mse', '-'))} | | | |"
             )
         lines.append("")
-        rec = [(lab, res["splits"][split]["recovery"]) for lab, res in models.items() if res["splits"][split]["recovery"]]
+        rec = [
+            (lab, res["splits"][split]["recovery"])
+            for lab, res in models.items()
+            if res["splits"][split]["recovery"]
+        ]
         if rec:
-            lines += ["Recovered parameters, median (mean) relative error at the end of the context:", ""]
+            lines += [
+                "Recovered parameters, median (mean) relative error at the end of the context:",
+                "",
+            ]
             for lab, r in rec:
-                parts = ", ".join(f"{k}: {_fmt(v['median_rel_error'])} ({_fmt(v['mean_rel_error'])})" for k, v in r.items())
+                parts = ", ".join(
+                    f"{k}: {_fmt(v['median_rel_error'])} ({_fmt(v['mean_rel_error'])})"
+                    for k, v in r.items()
+                )
                 lines.append(f"- {lab}: {parts}")
             lines.append("")
     return "\n".join(lines)
@@ -68,10 +78,20 @@ def plot_forecasts(ds: xr.Dataset, path: Path, n: int = 3) -> None:
         for col, s in enumerate(states):
             ax = axes[row, col]
             ax.axvspan(t[0], t[L - 1], color="0.9", label="context" if row == col == 0 else None)
-            ax.plot(t, ds.truth.isel(trajectory=i).sel(state=s), "k", lw=1.5, label="truth" if row == col == 0 else None)
+            ax.plot(
+                t,
+                ds.truth.isel(trajectory=i).sel(state=s),
+                "k",
+                lw=1.5,
+                label="truth" if row == col == 0 else None,
+            )
             for m in ds.model.values:
-                ax.plot(t, ds.prediction.sel(model=m).isel(trajectory=i).sel(state=s), lw=1,
-                        label=str(m) if row == col == 0 else None)
+                ax.plot(
+                    t,
+                    ds.prediction.sel(model=m).isel(trajectory=i).sel(state=s),
+                    lw=1,
+                    label=str(m) if row == col == 0 else None,
+                )
             ax.set_ylabel(s)
             if row == n - 1:
                 ax.set_xlabel("t")
@@ -100,8 +120,12 @@ def plot_horizon(summary: dict, times: np.ndarray, context: int, path: Path) -> 
 
 def plot_recovery(summary: dict, path: Path) -> None:
     """Recovered against true physical parameters (physics priors only)."""
-    items = [(lab, split, name, r) for lab, res in summary["models"].items()
-             for split in ("test", "test_ood") for name, r in res["splits"][split]["recovery"].items()]
+    items = [
+        (lab, split, name, r)
+        for lab, res in summary["models"].items()
+        for split in ("test", "test_ood")
+        for name, r in res["splits"][split]["recovery"].items()
+    ]
     if not items:
         fig, ax = plt.subplots(figsize=(4, 2))
         ax.text(0.5, 0.5, "no model recovers physical parameters", ha="center", va="center")
@@ -113,7 +137,10 @@ def plot_recovery(summary: dict, path: Path) -> None:
             for l2, split, n2, r in items:
                 if (l2, n2) == (lab, name):
                     ax.scatter(r["true"], r["estimate"], s=6, alpha=0.6, label=split)
-            lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+            lims = [
+                min(ax.get_xlim()[0], ax.get_ylim()[0]),
+                max(ax.get_xlim()[1], ax.get_ylim()[1]),
+            ]
             ax.plot(lims, lims, "k:", lw=0.8)
             ax.set_title(f"{lab}: {name}", fontsize=9)
             ax.set_xlabel("true")

@@ -33,7 +33,9 @@ class AbstractRoot(nn.Module, ABC):
     """A family of root networks evaluated with per-sample flat weights."""
 
     n_weights: int  # D_theta
-    physical_units: bool = False  # True: the model feeds raw states (physics priors), never standardised
+    physical_units: bool = (
+        False  # True: the model feeds raw states (physics priors), never standardised
+    )
 
     @abstractmethod
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
@@ -101,7 +103,9 @@ def register_prior(name: str):
     return PRIORS.register(name)
 
 
-def build_root(name: str, *, state_dim: int, system: System | None = None, **options) -> AbstractRoot:
+def build_root(
+    name: str, *, state_dim: int, system: System | None = None, **options
+) -> AbstractRoot:
     """Instantiate the prior `name` for a dataset of `state_dim` states."""
     cls = PRIORS.get(name)
     accepted = inspect.signature(cls.__init__).parameters

@@ -1,8 +1,8 @@
 """One training run on disk: resolved config, checkpoints, metrics.json, predictions.
 
-    runs/out/<name>/<label>/
-        config.toml  run.json  best.pt  last.pt  history.json  loss.png
-        train_summary.json  metrics.json
+runs/out/<name>/<label>/
+    config.toml  run.json  best.pt  last.pt  history.json  loss.png
+    train_summary.json  metrics.json
 """
 
 from __future__ import annotations
@@ -35,8 +35,16 @@ def prepare_data(cfg: RunConfig, *, progress: bool = True) -> Dataset:
     return load_dataset(ensure_dataset(cfg.data, progress=progress))
 
 
-def train_and_evaluate(cfg: RunConfig, data: Dataset, label: str, model_cfg: ModelConfig, run_dir: Path,
-                       *, resume: bool = False, progress: bool = True) -> dict:
+def train_and_evaluate(
+    cfg: RunConfig,
+    data: Dataset,
+    label: str,
+    model_cfg: ModelConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train `model_cfg` on `data` in `run_dir`, evaluate the best checkpoint, write metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -50,7 +58,9 @@ def load_run(run_dir: Path, data: Dataset | None = None):
     """Return (config, label, model config, dataset, model loaded from best.pt) of a run directory."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file() or not (run_dir / "config.toml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no run.json/config.toml); give the folder `train` wrote")
+        raise UserError(
+            f"{run_dir} is not a run directory (no run.json/config.toml); give the folder `train` wrote"
+        )
     cfg = load_config(str(run_dir / "config.toml"))
     meta = json.loads((run_dir / "run.json").read_text())
     model_cfg = ModelConfig(**meta["model"])
@@ -60,8 +70,13 @@ def load_run(run_dir: Path, data: Dataset | None = None):
     return cfg, meta["label"], model_cfg, data, model
 
 
-def evaluate_run(run_dir: Path, *, cfg: RunConfig | None = None, data: Dataset | None = None,
-                 device: str | None = None) -> dict:
+def evaluate_run(
+    run_dir: Path,
+    *,
+    cfg: RunConfig | None = None,
+    data: Dataset | None = None,
+    device: str | None = None,
+) -> dict:
     """Evaluate a run's best checkpoint on test and test_ood; write metrics.json; return results."""
     loaded_cfg, label, _, data, model = load_run(run_dir, data)
     cfg = cfg or loaded_cfg
@@ -79,8 +94,12 @@ def evaluate_run(run_dir: Path, *, cfg: RunConfig | None = None, data: Dataset |
     return {"metrics": metrics, "predictions": preds}
 
 
-def predictions_dataset(data: Dataset, split: str, context: int,
-                        preds: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> xr.Dataset:
+def predictions_dataset(
+    data: Dataset,
+    split: str,
+    context: int,
+    preds: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+) -> xr.Dataset:
     """Truth beside each model's predictions: dims (model, trajectory, time, state).
 
     `prediction[t]` for t < L is the one-step prediction under teacher forcing, for t >= L the
@@ -97,8 +116,13 @@ def predictions_dataset(data: Dataset, split: str, context: int,
         if sd is not None:
             std[i, :, 1:] = sd.numpy()
     names = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731 - zarr v3 variable-length strings
-    coords = {"model": names(labels), "trajectory": np.arange(N), "time": data.times,
-              "state": names(data.state), "parameter": names(data.parameter)}
+    coords = {
+        "model": names(labels),
+        "trajectory": np.arange(N),
+        "time": data.times,
+        "state": names(data.state),
+        "parameter": names(data.parameter),
+    }
     ds = xr.Dataset(
         {
             "truth": (("trajectory", "time", "state"), truth),
@@ -117,7 +141,9 @@ def write_predictions(path: Path, datasets: dict[str, xr.Dataset]) -> None:
     """Write one zarr group per split (open with xarray.open_zarr(path, group=split))."""
     for split, ds in datasets.items():
         ds.to_zarr(path, group=split, mode="w", zarr_format=3, consolidated=False)
-    with warnings.catch_warnings():  # zarr notes that consolidated metadata is not in the v3 spec yet
+    with (
+        warnings.catch_warnings()
+    ):  # zarr notes that consolidated metadata is not in the v3 spec yet
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(path)
 

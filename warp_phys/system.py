@@ -79,7 +79,9 @@ class Fixed:
         object.__setattr__(self, "values", tuple(float(v) for v in values))
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return np.broadcast_to(np.asarray(self.values, dtype=np.float64), (n, len(self.values))).copy()
+        return np.broadcast_to(
+            np.asarray(self.values, dtype=np.float64), (n, len(self.values))
+        ).copy()
 
     def describe(self) -> str:
         return f"fixed {list(self.values)}"
@@ -176,7 +178,9 @@ class System(ABC):
             if not f.requires_grad:  # the field does not depend on y (e.g. the sine task)
                 return torch.zeros(*y.shape, y.shape[-1], dtype=y.dtype, device=y.device)
             rows = [
-                torch.autograd.grad(f[..., i].sum(), y, retain_graph=True, materialize_grads=True)[0]
+                torch.autograd.grad(f[..., i].sum(), y, retain_graph=True, materialize_grads=True)[
+                    0
+                ]
                 for i in range(f.shape[-1])
             ]
         return torch.stack(rows, dim=-2)  # (..., state, state)

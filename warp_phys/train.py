@@ -35,7 +35,9 @@ def resolve_device(tcfg: TrainConfig, name: str | None = None) -> torch.device:
     """Return the torch device of a run (and set the CPU thread count it asks for)."""
     name = name or tcfg.device
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA was asked for (--device cuda) but torch sees no GPU here; use --device cpu")
+        raise UserError(
+            "CUDA was asked for (--device cuda) but torch sees no GPU here; use --device cpu"
+        )
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"unknown device {name!r}; use cpu or cuda")
     if tcfg.threads > 0:
@@ -52,15 +54,26 @@ def check_context(context: int, n_steps: int) -> None:
         )
 
 
-def step_loss(model: nn.Module, ys: Tensor, scale: Tensor, *, context: int, teacher_prob: float,
-              generator: torch.Generator, loss: str, penalty_weight: float) -> Tensor:
+def step_loss(
+    model: nn.Module,
+    ys: Tensor,
+    scale: Tensor,
+    *,
+    context: int,
+    teacher_prob: float,
+    generator: torch.Generator,
+    loss: str,
+    penalty_weight: float,
+) -> Tensor:
     """Return the training loss of one batch ``ys (B, T, S)`` in units of the data's std."""
     out = model(ys, context=context, teacher_prob=teacher_prob, generator=generator)
     target = ys[:, 1:]  # (B, T-1, S): step t predicts y_{t+1}
     z = (out.mean - target) / scale
     if loss == "nll":
         if out.std is None:
-            raise UserError("train.loss = 'nll' needs a root that predicts a std (prior option predict_std = true)")
+            raise UserError(
+                "train.loss = 'nll' needs a root that predicts a std (prior option predict_std = true)"
+            )
         sigma = out.std / scale
         value = (torch.log(sigma) + 0.5 * ((out.mean - target) / out.std) ** 2).mean()
     else:
@@ -95,7 +108,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise UserError(f"checkpoint {path} is corrupt ({type(err).__name__}); delete it and train afresh") from None
+        raise UserError(
+            f"checkpoint {path} is corrupt ({type(err).__name__}); delete it and train afresh"
+        ) from None
 
 
 def load_weights(model: nn.Module, weights: dict, path: Path) -> None:
@@ -125,8 +140,15 @@ def val_score(model: nn.Module, ys: Tensor, scale: Tensor, context: int, batch: 
     return total / len(ys) if math.isfinite(total) else math.inf
 
 
-def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfig | None = None,
-          resume: bool = False, progress: bool = True) -> dict:
+def train(
+    cfg: RunConfig,
+    data: Dataset,
+    run_dir: Path,
+    *,
+    model_cfg: ModelConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train one model on `data`; write checkpoints, history and summary to `run_dir`."""
     tcfg, mcfg = cfg.train, model_cfg or cfg.model
     device = resolve_device(tcfg)
@@ -150,18 +172,29 @@ def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfi
     val_y = data.splits["val"].y[: tcfg.n_val_eval].to(device)
     scale = data.scale().to(device)
     T, L = data.n_steps, cfg.data.context
-    bar = tqdm(total=tcfg.steps, initial=state.step, disable=not progress, desc=run_dir.name, leave=False)
+    bar = tqdm(
+        total=tcfg.steps, initial=state.step, disable=not progress, desc=run_dir.name, leave=False
+    )
     start = time.perf_counter() - state.elapsed
     while state.step < tcfg.steps:
         frac = _progress(tcfg, state.step, time.perf_counter() - start)
         if frac >= 1.0:
             break
-        idx = torch.randint(len(train_y), (min(tcfg.batch_size, len(train_y)),), generator=batch_rng)
+        idx = torch.randint(
+            len(train_y), (min(tcfg.batch_size, len(train_y)),), generator=batch_rng
+        )
         teacher = frac < tcfg.teacher_forced_fraction
         p = _teacher_prob(tcfg, frac)
-        loss = step_loss(model, train_y[idx.to(device)], scale, context=T if teacher else L,
-                         teacher_prob=0.0 if teacher else p, generator=gen, loss=tcfg.loss,
-                         penalty_weight=tcfg.penalty_weight)
+        loss = step_loss(
+            model,
+            train_y[idx.to(device)],
+            scale,
+            context=T if teacher else L,
+            teacher_prob=0.0 if teacher else p,
+            generator=gen,
+            loss=tcfg.loss,
+            penalty_weight=tcfg.penalty_weight,
+        )
         if not torch.isfinite(loss):
             bar.close()
             _write_summary(run_dir, state, model, mcfg, stopped="non-finite loss")
@@ -175,11 +208,17 @@ def train(cfg: RunConfig, data: Dataset, run_dir: Path, *, model_cfg: ModelConfi
         state.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3g}", phase="tf" if teacher else f"ar p={p:.2f}")
-        record = {"step": state.step, "loss": loss, "phase": "teacher" if teacher else "auto",
-                  "time": time.perf_counter() - start}
+        record = {
+            "step": state.step,
+            "loss": loss,
+            "phase": "teacher" if teacher else "auto",
+            "time": time.perf_counter() - start,
+        }
         if state.step % tcfg.eval_every == 0 or state.step == tcfg.steps:
             record["val"] = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
-            if record["val"] < state.best_val or state.best_step < 0:  # NaN never wins, but keep one
+            if (
+                record["val"] < state.best_val or state.best_step < 0
+            ):  # NaN never wins, but keep one
                 state.best_val, state.best_step = record["val"], state.step
                 save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
         state.history.append(record)
@@ -213,13 +252,20 @@ def _teacher_prob(tcfg: TrainConfig, frac: float) -> float:
 
 def _checkpoint(run_dir, model, opt, state, gen, batch_rng) -> None:
     save_atomic(
-        {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state.__dict__,
-         "gen": gen.get_state(), "batch_rng": batch_rng.get_state()},
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "state": state.__dict__,
+            "gen": gen.get_state(),
+            "batch_rng": batch_rng.get_state(),
+        },
         run_dir / "last.pt",
     )
 
 
-def _write_summary(run_dir: Path, state: TrainState, model: nn.Module, mcfg: ModelConfig, stopped: str = "") -> dict:
+def _write_summary(
+    run_dir: Path, state: TrainState, model: nn.Module, mcfg: ModelConfig, stopped: str = ""
+) -> dict:
     summary = {
         "steps": state.step,
         "train_seconds": state.elapsed,
