@@ -111,15 +111,9 @@ def evaluate_split(
         result["model"][f"ratio_to_{k}"] = result["model"]["mse"] / ref if ref > 0 else float("inf")
     if split == "test_ood":
         inside = in_train_range(data, data.splits[split].params)
-        per = torch.tensor(result["model"]["per_trajectory_mse"], dtype=torch.float64)
-        result["model"]["in_range"] = _subset(per, inside)
-        result["model"]["out_of_range"] = _subset(per, ~inside)
-        for k in refs:
-            per_ref = torch.tensor(
-                result["references"][k]["per_trajectory_mse"], dtype=torch.float64
-            )
-            result["references"][k]["in_range"] = _subset(per_ref, inside)
-            result["references"][k]["out_of_range"] = _subset(per_ref, ~inside)
+        for entry in (result["model"], *result["references"].values()):
+            per = torch.tensor(entry["per_trajectory_mse"], dtype=torch.float64)
+            entry["in_range"], entry["out_of_range"] = _subset(per, inside), _subset(per, ~inside)
     result["recovery"] = recovered_params(model, data, split, context, device=device, batch=batch)
     return {"metrics": result, "mean": mean, "std": std}
 
