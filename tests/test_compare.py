@@ -65,6 +65,18 @@ def test_compare_writes_results_table_plots_and_predictions(tiny_compare):
     assert "| warp_phys |" in (out / "results.md").read_text()
 
 
+def test_a_model_that_stopped_early_is_flagged_in_the_table(tiny_compare):
+    from warp_phys.report import results_table
+
+    _, summary = tiny_compare
+    assert "## Training" not in results_table(summary)  # every model trained cleanly
+    models = {k: dict(v) for k, v in summary["models"].items()}
+    models["warp"] |= {"skipped_batches": 10, "stopped": "non-finite loss ... at step 3"}
+    table = results_table(summary | {"models": models})
+    assert "- warp: 10 batches skipped (non-finite loss or gradient); stopped early: " in table
+    assert "- gru:" not in table
+
+
 def test_predictions_open_in_xarray_with_truth_beside_each_model(tiny_compare):
     out, _ = tiny_compare
     ds = xr.open_zarr(out / "predictions.zarr", group="test_ood")

@@ -1,4 +1,4 @@
-"""Training runs: run directory, resume after an interruption, NaN stop, bad input."""
+"""Training runs: run directory, resume after an interruption, NaN skip and stop, bad input."""
 
 import json
 
@@ -90,8 +90,8 @@ def test_interrupted_training_resumes_to_the_same_weights(sine_store, tmp_path, 
         assert torch.equal(v, cut["model"][k]), k
 
 
-def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(sine_store, tmp_path, monkeypatch):
-    cfg, data = tiny(sine_store, tmp_path)
+def poison_losses(monkeypatch, bad):
+    """Make the training loss NaN on the calls whose 1-based number `bad(n)` accepts."""
     from warp_phys import train as train_mod
 
     real, calls = train_mod.step_loss, {"n": 0}
@@ -99,14 +99,39 @@ def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(sine_store, tmp_pat
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        return loss * float("nan") if bad(calls["n"]) else loss
 
     monkeypatch.setattr(train_mod, "step_loss", poisoned)
-    with pytest.raises(UserError, match="stopped at step 4: the loss is nan; the best checkpoint"):
-        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    return calls
+
+
+def test_a_non_finite_batch_is_skipped_without_an_update(sine_store, tmp_path, monkeypatch):
+    cfg, data = tiny(sine_store, tmp_path)
+    clean = train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "clean", progress=False)
+    calls = poison_losses(monkeypatch, lambda n: n == 5)
+    res = train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    assert calls["n"] == 9  # 8 updates and the one skipped batch
+    summary = json.loads((tmp_path / "r" / "train_summary.json").read_text())
+    assert summary["steps"] == 8 and summary["skipped_batches"] == 1 and summary["stopped"] == ""
+    assert clean["train"]["skipped_batches"] == 0
+    assert res["train"] == summary
+
+
+def test_non_finite_losses_in_a_row_stop_early_and_keep_the_best(sine_store, tmp_path, monkeypatch):
+    from warp_phys.train import MAX_SKIPPED_IN_A_ROW
+
+    cfg, data = tiny(sine_store, tmp_path)
+    poison_losses(monkeypatch, lambda n: n >= 5)  # every batch from the fifth on
+    res = train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    summary = res["train"]
+    assert summary["steps"] == 4 and summary["skipped_batches"] == MAX_SKIPPED_IN_A_ROW
+    assert summary["stopped"].startswith(
+        f"non-finite loss or gradient on {MAX_SKIPPED_IN_A_ROW} batches in a row at step 4"
+    )
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
-    assert best["step"] in (2, 4)
-    evaluate_run(tmp_path / "r")  # the kept checkpoint still evaluates
+    assert best["step"] in (2, 4) and summary["best_step"] == best["step"]
+    for split in ("test", "test_ood"):  # the kept checkpoint was evaluated
+        assert res["metrics"]["splits"][split]["model"]["mse"] < float("inf")
 
 
 def test_context_must_be_shorter_than_the_series(sine_store, tmp_path):

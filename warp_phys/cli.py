@@ -167,6 +167,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{label} {split}: forecast MSE {m['mse']:.4g} (median {m['median_mse']:.4g}), "
             f"linear-fit reference {r['references']['linear_fit']['mse']:.4g}"
         )
+    if res["train"]["stopped"]:
+        print(f"{label}: training stopped early: {res['train']['stopped']}")
     print(f"run directory: {run_dir}")
     return 0
 

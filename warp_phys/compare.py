@@ -121,5 +121,8 @@ def summarize(got: dict) -> dict:
         "n_params": m["n_params"],
         "train_seconds": got["train"]["train_seconds"],
         "train_steps": got["train"]["steps"],
+        "best_step": got["train"]["best_step"],
+        "skipped_batches": got["train"].get("skipped_batches", 0),
+        "stopped": got["train"].get("stopped", ""),
         "splits": per_split,
     }

@@ -65,22 +65,28 @@ class Optimiser:
             self.opt = torch.optim.Adam(params, lr=cfg.lr)
             self.plateau = None
 
-    def step(self, loss: Tensor, progress: float) -> float:
-        """Backpropagate `loss`, clip, update at the schedule's learning rate; return grad norm."""
+    def step(self, loss: Tensor, progress: float) -> bool:
+        """Backpropagate `loss`, clip, update at the schedule's learning rate.
+
+        Return False, with no update, when the gradient is not finite.
+        """
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.plateau is not None:
+            if not all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None):
+                return False
             torch.nn.utils.clip_grad_value_(self.params, 1e-7)
-            norm = float("nan")
         else:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            if not math.isfinite(norm):
+                return False
             lr = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
             for group in self.opt.param_groups:
                 group["lr"] = lr
         self.opt.step()
         if self.plateau is not None:
             self.plateau.step(float(loss))
-        return norm
+        return True
 
     def state_dict(self) -> dict:
         return {

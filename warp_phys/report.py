@@ -64,6 +64,14 @@ def results_table(summary: dict) -> str:
                 )
                 lines.append(f"- {lab}: {parts}")
             lines.append("")
+    notes = [
+        f"- {lab}: {res['skipped_batches']} batches skipped (non-finite loss or gradient)"
+        + (f"; stopped early: {res['stopped']}" if res["stopped"] else "")
+        for lab, res in models.items()
+        if res.get("skipped_batches") or res.get("stopped")
+    ]
+    if notes:
+        lines += ["## Training", "", *notes, ""]
     return "\n".join(lines)
 
 

@@ -5,7 +5,10 @@ WARP model computes all hidden states with the parallel scan and the one-step lo
 every step at once. Phase 2 rolls the model out autoregressively after the context, with a
 teacher-forcing probability decaying linearly from `teacher_prob_start` to `_end`.
 Progress through the run is max(step / steps, elapsed / max_seconds): a time budget shortens
-every schedule instead of cutting it off.
+every schedule instead of cutting it off. A batch whose loss or gradient is not finite (a
+rollout that blew up) is skipped without an update and counted; after MAX_SKIPPED_IN_A_ROW
+such batches in a row training stops early, and the best checkpoint is kept and evaluated
+with the reason in train_summary.json (so one diverging model never sinks a whole compare).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from warp_phys.models import build_model
 from warp_phys.optim import Optimiser
 
 log = logging.getLogger(__name__)
+MAX_SKIPPED_IN_A_ROW = 10  # non-finite losses in a row that end a run
 
 
 def resolve_device(tcfg: TrainConfig, name: str | None = None) -> torch.device:
@@ -92,6 +96,7 @@ class TrainState:
     elapsed: float = 0.0
     best_val: float = math.inf
     best_step: int = -1
+    skipped: int = 0  # batches whose loss was not finite (no update made)
     history: list[dict] = field(default_factory=list)
 
 
@@ -176,6 +181,7 @@ def train(
         total=tcfg.steps, initial=state.step, disable=not progress, desc=run_dir.name, leave=False
     )
     start = time.perf_counter() - state.elapsed
+    stopped, in_a_row = "", 0
     while state.step < tcfg.steps:
         frac = _progress(tcfg, state.step, time.perf_counter() - start)
         if frac >= 1.0:
@@ -195,15 +201,22 @@ def train(
             loss=tcfg.loss,
             penalty_weight=tcfg.penalty_weight,
         )
-        if not torch.isfinite(loss):
-            bar.close()
-            _write_summary(run_dir, state, model, mcfg, stopped="non-finite loss")
-            raise UserError(
-                f"training {run_dir} stopped at step {state.step}: the loss is {loss.item()}; "
-                f"the best checkpoint (step {state.best_step}) is intact; lower train.lr or enable "
-                f"gradient clipping"
-            )
-        opt.step(loss, frac)
+        # a loss or gradient that is not finite (a rollout that blew up): skip the batch
+        if not (torch.isfinite(loss) and opt.step(loss, frac)):
+            state.skipped += 1
+            in_a_row += 1
+            log.warning(
+                "%s: step %d: non-finite loss or gradient (loss %s), batch skipped (%d so far)",
+                run_dir.name, state.step, loss.item(), state.skipped,
+            )  # fmt: skip
+            if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                stopped = (
+                    f"non-finite loss or gradient on {in_a_row} batches in a row at step "
+                    f"{state.step}; the best checkpoint (step {state.best_step}) is evaluated"
+                )
+                break
+            continue
+        in_a_row = 0
         loss = loss.item()
         state.step += 1
         bar.update(1)
@@ -234,7 +247,9 @@ def train(
             state.best_val, state.best_step = record_val, state.step
             save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
     _checkpoint(run_dir, model, opt, state, gen, batch_rng)
-    return _write_summary(run_dir, state, model, mcfg)
+    if stopped:
+        log.warning("%s: training stopped early: %s", run_dir.name, stopped)
+    return _write_summary(run_dir, state, model, mcfg, stopped)
 
 
 def _progress(tcfg: TrainConfig, step: int, elapsed: float) -> float:
@@ -272,6 +287,7 @@ def _write_summary(
         "best_val": state.best_val,
         "best_step": state.best_step,
         "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "skipped_batches": state.skipped,
         "stopped": stopped,
     }
     (run_dir / "history.json").write_text(json.dumps(state.history))
