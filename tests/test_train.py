@@ -7,7 +7,7 @@ import torch
 
 from warp_phys.config import load_config
 from warp_phys.errors import UserError
-from warp_phys.run import evaluate_run, prepare_data, train_and_evaluate
+from warp_phys.run import prepare_data, train_and_evaluate
 
 torch.set_num_threads(1)  # tiny models: one thread is faster than two busy ones
 
