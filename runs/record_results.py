@@ -6,6 +6,7 @@ runs/out/ is git-ignored; runs/results/ keeps the figures in the repository.
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,8 +19,9 @@ def ratios(r: dict, split: str) -> list[str]:
         vals = {}
         for lab, m in r["models"].items():
             v = m["splits"][split].get(key)
-            vals[lab] = v["mse"] if isinstance(v, dict) else v
-        if "warp_phys" not in vals or any(v is None or isinstance(v, str) for v in vals.values()):
+            v = v["mse"] if isinstance(v, dict) else v
+            vals[lab] = None if v is None else float(v)  # JSON holds inf/nan as strings
+        if "warp_phys" not in vals or any(v is None or math.isnan(v) for v in vals.values()):
             continue
         wp = vals.pop("warp_phys")
         best = min(vals, key=vals.get)

@@ -54,13 +54,19 @@ def linear_fit_forecast(ys: Tensor, context: int) -> Tensor:
 
 
 def forecast_errors(pred: Tensor, truth: Tensor) -> dict:
-    """Metrics of forecasts ``pred, truth (N, H, S)``: mean/median MSE, MAE, per-horizon MSE."""
-    sq = (pred.double() - truth.double()) ** 2
+    """Metrics of forecasts ``pred, truth (N, H, S)``: mean/median MSE, MAE, per-horizon MSE.
+
+    A forecast that blew up (inf or NaN) has an infinite error: the means become inf, and the
+    median stays meaningful (it counts that trajectory as the worst), with `n_nonfinite` beside.
+    """
+    err = pred.double() - truth.double()
+    err = torch.where(torch.isfinite(err), err, torch.inf)
+    sq = err**2
     per_traj = sq.mean(dim=(1, 2))  # (N,)
     finite = torch.isfinite(per_traj)
     return {
         "mse": float(per_traj.mean()),
-        "mae": float((pred.double() - truth.double()).abs().mean()),
+        "mae": float(err.abs().mean()),
         "median_mse": float(per_traj.median()),
         "per_horizon_mse": sq.mean(dim=(0, 2)).tolist(),
         "per_trajectory_mse": per_traj.tolist(),
