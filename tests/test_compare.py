@@ -65,16 +65,20 @@ def test_compare_writes_results_table_plots_and_predictions(tiny_compare):
     assert "| warp_phys |" in (out / "results.md").read_text()
 
 
-def test_a_model_that_stopped_early_is_flagged_in_the_table(tiny_compare):
+def test_models_that_stopped_early_or_blew_up_are_flagged_in_the_table(tiny_compare):
     from warp_phys.report import results_table
 
     _, summary = tiny_compare
     assert "## Training" not in results_table(summary)  # every model trained cleanly
     models = {k: dict(v) for k, v in summary["models"].items()}
     models["warp"] |= {"skipped_batches": 10, "stopped": "non-finite loss ... at step 3"}
+    models["warp"]["splits"] = dict(models["warp"]["splits"])
+    models["warp"]["splits"]["test_ood"] = models["warp"]["splits"]["test_ood"] | {"n_nonfinite": 2}
     table = results_table(summary | {"models": models})
     assert "- warp: 10 batches skipped (non-finite loss or gradient); stopped early: " in table
     assert "- gru:" not in table
+    assert table.count("blew up") == 1
+    assert "(inf or NaN, counted as infinite error): warp 2" in table
 
 
 def test_predictions_open_in_xarray_with_truth_beside_each_model(tiny_compare):

@@ -47,6 +47,17 @@ def results_table(summary: dict) -> str:
                 f"{_fmt(r.get('in_range', {}).get('mse', '-'))} | {_fmt(r.get('out_of_range', {}).get('mse', '-'))} | | | |"
             )
         lines.append("")
+        blew = [
+            f"{lab} {res['splits'][split]['n_nonfinite']}"
+            for lab, res in models.items()
+            if res["splits"][split].get("n_nonfinite")
+        ]
+        if blew:
+            lines += [
+                "Trajectories whose forecast blew up (inf or NaN, counted as infinite error): "
+                + ", ".join(blew),
+                "",
+            ]
         rec = [
             (lab, res["splits"][split]["recovery"])
             for lab, res in models.items()
