@@ -218,3 +218,15 @@ def test_val_score_of_a_diverged_forecast_is_inf_not_nan(sine_store, tmp_path):
     cfg, data = tiny(sine_store, tmp_path)
     ys = data.splits["val"].y
     assert val_score(Exploding(), ys, data.scale(), 6, 4) == float("inf")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "paper"])
+def test_a_non_finite_gradient_makes_no_update(optimizer):
+    from warp_phys.config import TrainConfig
+    from warp_phys.optim import Optimiser
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = Optimiser(TrainConfig(optimizer=optimizer, lr=0.1), [w])
+    assert not opt.step((w * torch.tensor([1.0, float("inf"), 1.0])).sum() * 0.0, 0.5)
+    assert torch.equal(w.detach(), torch.ones(3))  # inf · 0 = NaN gradient: untouched
+    assert opt.step(w.sum(), 0.5) and not torch.equal(w.detach(), torch.ones(3))

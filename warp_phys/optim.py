@@ -85,7 +85,7 @@ class Optimiser:
                 group["lr"] = lr
         self.opt.step()
         if self.plateau is not None:
-            self.plateau.step(float(loss))
+            self.plateau.step(float(loss.detach()))
         return True
 
     def state_dict(self) -> dict:

@@ -96,7 +96,7 @@ class TrainState:
     elapsed: float = 0.0
     best_val: float = math.inf
     best_step: int = -1
-    skipped: int = 0  # batches whose loss was not finite (no update made)
+    skipped: int = 0  # batches whose loss or gradient was not finite (no update made)
     history: list[dict] = field(default_factory=list)
 
 
