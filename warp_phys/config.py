@@ -52,9 +52,8 @@ class ModelConfig:
     pad_to: int = 1  # pad Dθ to a multiple of this (128 on GPUs)
     transition_options: dict[str, Any] = field(default_factory=dict)  # e.g. rotation frequencies
     time_channel: bool = False  # add τ to the inputs of B (the paper's optional time channel)
-    precision: str = (
-        "auto"  # dense products: fp32 | tf32 | bf16 | auto (fastest accurate per device)
-    )
+    # dense products: fp32 | tf32 | bf16 | auto (fastest accurate per device)
+    precision: str = "auto"
     checkpoint_every: int = 0  # recompute activations per chunk of this many steps (0 = off)
     compile: bool = False  # torch.compile the root network (GPU)
     scan_method: str = "auto"  # auto | sequential | chunked | doubling | loop
@@ -67,9 +66,8 @@ class TrainConfig:
     optimizer: str = "adam"  # adam (cosine decay, grad-norm clip) | paper (AdaBelief, clip 1e-7)
     lr: float = 2e-3
     steps: int = 1500  # optimiser steps (the run also stops at max_seconds)
-    max_seconds: float = (
-        0.0  # wall-clock budget; 0 = none. Schedules follow max(step, time) progress
-    )
+    # wall-clock budget; 0 = none. Schedules follow max(step, time) progress
+    max_seconds: float = 0.0
     batch_size: int = 64
     teacher_forced_fraction: float = 0.5  # first part: one-step loss, parallel over time
     teacher_prob_start: float = 0.9  # then autoregressive, teacher forcing decaying linearly
@@ -80,7 +78,8 @@ class TrainConfig:
     eval_every: int = 100  # steps between validation forecasts (model selection on val)
     n_val_eval: int = 256  # validation trajectories used for selection
     device: str = "cpu"  # cpu | cuda
-    threads: int = 1  # torch CPU threads; 1 is fastest for small models on a shared machine, 0 = torch's default
+    # torch CPU threads; 1 is fastest for small models on a shared machine, 0 = torch's default
+    threads: int = 1
     seed: int = 0  # model init, batches, teacher forcing
 
 

@@ -33,9 +33,8 @@ class AbstractRoot(nn.Module, ABC):
     """A family of root networks evaluated with per-sample flat weights."""
 
     n_weights: int  # D_theta
-    physical_units: bool = (
-        False  # True: the model feeds raw states (physics priors), never standardised
-    )
+    # True: the model feeds raw states (physics priors), never standardised
+    physical_units: bool = False
 
     @abstractmethod
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:

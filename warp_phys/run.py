@@ -115,13 +115,12 @@ def predictions_dataset(
         pred[i, :, 1:] = mean.numpy()
         if sd is not None:
             std[i, :, 1:] = sd.numpy()
-    names = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731 - zarr v3 variable-length strings
     coords = {
-        "model": names(labels),
+        "model": _strings(labels),
         "trajectory": np.arange(N),
         "time": data.times,
-        "state": names(data.state),
-        "parameter": names(data.parameter),
+        "state": _strings(data.state),
+        "parameter": _strings(data.parameter),
     }
     ds = xr.Dataset(
         {
@@ -141,11 +140,15 @@ def write_predictions(path: Path, datasets: dict[str, xr.Dataset]) -> None:
     """Write one zarr group per split (open with xarray.open_zarr(path, group=split))."""
     for split, ds in datasets.items():
         ds.to_zarr(path, group=split, mode="w", zarr_format=3, consolidated=False)
-    with (
-        warnings.catch_warnings()
-    ):  # zarr notes that consolidated metadata is not in the v3 spec yet
+    # zarr warns that consolidated metadata is not in the v3 spec yet
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(path)
+
+
+def _strings(xs) -> np.ndarray:
+    """Names as an object array: zarr v3 stores them as variable-length strings."""
+    return np.array(list(xs), dtype=object)
 
 
 def _finite(obj):

@@ -229,11 +229,7 @@ def train(
         }
         if state.step % tcfg.eval_every == 0 or state.step == tcfg.steps:
             record["val"] = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
-            if (
-                record["val"] < state.best_val or state.best_step < 0
-            ):  # NaN never wins, but keep one
-                state.best_val, state.best_step = record["val"], state.step
-                save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
+            _keep_if_best(run_dir, model, state, record["val"])
         state.history.append(record)
         state.elapsed = time.perf_counter() - start
         if "val" in record:
@@ -243,13 +239,18 @@ def train(
         record_val = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
         if state.history:
             state.history[-1]["val"] = record_val
-        if record_val < state.best_val or state.best_step < 0:
-            state.best_val, state.best_step = record_val, state.step
-            save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
+        _keep_if_best(run_dir, model, state, record_val)
     _checkpoint(run_dir, model, opt, state, gen, batch_rng)
     if stopped:
         log.warning("%s: training stopped early: %s", run_dir.name, stopped)
     return _write_summary(run_dir, state, model, mcfg, stopped)
+
+
+def _keep_if_best(run_dir: Path, model: nn.Module, state: TrainState, val: float) -> None:
+    """Save best.pt when `val` beats the best so far (an inf score never wins, but keep one)."""
+    if val < state.best_val or state.best_step < 0:
+        state.best_val, state.best_step = val, state.step
+        save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
 
 
 def _progress(tcfg: TrainConfig, step: int, elapsed: float) -> float:
