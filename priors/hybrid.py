@@ -30,14 +30,11 @@ from priors.ode import (
     Stepper,
     box_points,
     check_field,
-    reference,
-    resolve_system,
-    spectral_radius,
     state_scale_of,
     std_from,
-    time_map,
 )
 from warp_phys.errors import UserError
+from warp_phys.physics import reference, resolve_system, spectral_radius, time_map
 from warp_phys.root import AbstractRoot, FlatMLP, register_prior
 from warp_phys.system import System, system_names
 

@@ -26,18 +26,16 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from warp_phys.errors import UserError
 from warp_phys.integrate import INTEGRATORS
+from warp_phys.physics import reference, resolve_system, spectral_radius, time_map
 from warp_phys.root import AbstractRoot, FlatMLP, register_prior
-from warp_phys.simulate import simulate
-from warp_phys.system import Box, System, get_system, system_names
+from warp_phys.system import System
 
 INPUTS = ("const", "tau", "tau_y")  # what the parameter network sees
 STEP_RATE = 1.0  # auto substeps keep h·ρ(∂f/∂y) <= this (RK4 is stable up to ~2.8)
@@ -48,98 +46,6 @@ MAX_CORNERS = 8  # up to 2^8 corners of the parameter box; beyond, 256 random po
 
 
 # -- system and reference states ---------------------------------------------------------
-def resolve_system(
-    prior: str, *, state_dim: int, system: System | None, system_name: str | None
-) -> System:
-    """Return the prior's system: `system_name` when given (it wins), else `system`."""
-    if system_name is not None:
-        system = get_system(system_name)  # UserError listing the registered names
-    if system is None:
-        raise UserError(
-            f"prior {prior!r} needs a system: pass system_name= (registered systems: "
-            f"{', '.join(system_names())})"
-        )
-    if system.state_dim != state_dim:
-        raise UserError(
-            f"prior {prior!r} for system {system.name!r} has {system.state_dim} states "
-            f"({', '.join(system.state)}) but the dataset has {state_dim}; use the system the "
-            f"dataset was generated with (store attribute 'system') or one with {state_dim} states"
-        )
-    return system
-
-
-def time_map(system: System) -> tuple[float, float]:
-    """Return (t_start, t_length): physical time t = t_start + τ · t_length."""
-    return float(system.t_span[0]), float(system.t_span[1] - system.t_span[0])
-
-
-@dataclass(frozen=True)
-class Reference:
-    """States along a few trajectories at default parameters: the prior's notion of scale."""
-
-    t: Tensor  # (N,) float64
-    y: Tensor  # (N, S) float64
-    scale: Tensor  # (S,) max |y| per state (1 where the state stays at 0)
-    rate: float  # max_j |f_j| / scale_j over the states: a characteristic 1/time
-
-
-_REFERENCES: dict[tuple, Reference] = {}
-
-
-def reference(system: System) -> Reference:
-    """Simulate default-parameter trajectories (y0 low/centre/high), 65 points; cached."""
-    key = (type(system), tuple(system.params.items()), system.t_span)
-    if key not in _REFERENCES:
-        ic = system.y0
-        corners = [ic.low, ic.values, ic.high] if isinstance(ic, Box) else [ic.values]
-        y0 = np.asarray(corners, dtype=np.float64)  # (n, S)
-        params = np.broadcast_to(system.default_params().numpy(), (len(y0), len(system.params)))
-        y0 = torch.as_tensor(system.initial_state(y0, params))
-        ts = torch.linspace(*system.t_span, 65, dtype=torch.float64)
-        ys = simulate(system, y0, torch.as_tensor(params.copy()), ts, rtol=1e-4, atol=1e-6)
-        n = ys.shape[0]
-        t = ts.repeat(n)  # (N,)
-        y = ys.reshape(-1, system.state_dim)  # (N, S)
-        p = system.default_params().expand(len(t), -1)  # (N, P)
-        scale = y.abs().amax(0)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        rate = float((system.f(t, y, p).abs() / scale).amax()) or 1.0 / float(ts[-1] - ts[0])
-        _REFERENCES[key] = Reference(t=t, y=y, scale=scale, rate=rate)
-    return _REFERENCES[key]
-
-
-def spectral_radius(system: System, ref: Reference, params: Tensor) -> float:
-    """Return max |eig ∂f/∂y| over reference states × parameter vectors ``params (C, P)``."""
-    C, N = params.shape[0], ref.t.shape[0]
-    t = ref.t.repeat(C)  # (C·N,)
-    y = ref.y.repeat(C, 1)  # (C·N, S)
-    p = params.repeat_interleave(N, dim=0)  # (C·N, P)
-    jac = _jacobian(system, t, y, p)  # (C·N, S, S)
-    if not torch.isfinite(jac).all():
-        raise UserError(
-            f"the Jacobian of system {system.name!r} is not finite at the prior's parameter "
-            f"bounds; narrow `spread` or fix the parameter that reaches a singular value"
-        )
-    return float(torch.linalg.eigvals(jac).abs().amax())
-
-
-def _jacobian(system: System, t: Tensor, y: Tensor, params: Tensor) -> Tensor:
-    """Return ∂f/∂y ``(N, S, S)`` by autograd; zeros where f does not depend on y.
-
-    (`System.jacobian` of the base class fails on a field independent of y, e.g. `sine`.)
-    """
-    y = y.detach().requires_grad_(True)
-    with torch.enable_grad():
-        f = system.f(t, y, params)  # (N, S)
-        if not f.requires_grad:
-            return y.new_zeros(*y.shape, y.shape[-1])
-        rows = [
-            torch.autograd.grad(f[:, i].sum(), y, retain_graph=True, materialize_grads=True)[0]
-            for i in range(f.shape[-1])
-        ]
-    return torch.stack(rows, dim=-2).detach()  # (N, S, S)
-
-
 def state_scale_of(system: System, state_scale) -> Tensor:
     """Resolve the `state_scale` option: "auto" (reference max |y|), None (ones) or numbers."""
     if isinstance(state_scale, str) and state_scale == "auto":

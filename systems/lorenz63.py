@@ -18,3 +18,6 @@ class Lorenz63(SymbolicSystem):
     t_span = (0.0, 10.0)
     n_steps = 1000
     citation = "E. N. Lorenz, Deterministic nonperiodic flow, J. Atmos. Sci. 20 (1963)"
+    # largest Lyapunov exponent 0.9056 at sigma = 10, rho = 28, beta = 8/3 (Sprott, Chaos and
+    # Time-Series Analysis, 2003)
+    lyapunov_time = 1.0 / 0.9056

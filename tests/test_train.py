@@ -58,7 +58,7 @@ def test_train_writes_a_complete_run_directory(sine_store, tmp_path, kind):
     for split in ("test", "test_ood"):
         m = metrics["splits"][split]
         assert len(m["model"]["per_horizon_mse"]) == data.n_steps - cfg.data.context
-        assert set(m["references"]) == {"persistence", "zero", "mean", "linear_fit"}
+        assert set(m["references"]) == {"persistence", "zero", "mean", "linear_fit", "ode_fit"}
     assert "in_range" in metrics["splits"]["test_ood"]["model"]
     assert res["train"]["steps"] == 8
 

@@ -118,10 +118,13 @@ def test_padding_is_invisible(transition):
     padded.load_state_dict(plain.state_dict())
     assert padded.padded_dim % 16 == 0 and padded.padded_dim > plain.padded_dim
     assert padded.n_params() == plain.n_params()
-    ys = data().float()
+    # float64: the rollouts grow to O(100) here, where float32 kernels of different widths
+    # (AVX2 vs AVX512 reductions) legitimately differ by 1e-2; padding itself changes nothing
+    plain, padded, ys = plain.double(), padded.double(), data().double()
     for context in (T, 4):
         a, b = plain(ys, context=context), padded(ys, context=context)
-        assert (a.mean - b.mean).abs().max() < 1e-6
+        scale = a.mean.abs().max().item()
+        assert (a.mean - b.mean).abs().max() < 1e-12 * max(scale, 1.0)  # float64 rounding
 
 
 def test_dense_transition_residual_form_equals_plain_matrix():

@@ -73,6 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         rtol=args.rtol,
         atol=args.atol,
+        noise=args.noise,
         progress=not args.quiet,
     )
     if report.already_complete:
@@ -96,9 +97,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def print_summary(info: dict) -> None:
     """Print what a store holds and how to open it."""
     t, integ = info["time"], info["integrator"]
+    noise = f", observation noise {info['noise']:g} of each state's std" if info["noise"] else ""
     print(
         f"{info['path']}: system {info['system']!r} (zarr v3, warp-phys {info['version']}), "
-        f"seed {info['seed']}, "
+        f"seed {info['seed']}{noise}, "
         f"{t['n']} steps on t in [{t['start']:g}, {t['stop']:g}], "
         f"{integ.get('method', '?')} rtol={integ.get('rtol', '?')} atol={integ.get('atol', '?')}"
     )
@@ -111,7 +113,8 @@ def print_summary(info: dict) -> None:
     first = next(iter(info["splits"]))
     print(
         f'open it: xarray.open_zarr("{info["path"]}", group="{first}")  '
-        f"(groups: {', '.join(info['splits'])}; variables y, params, y0)"
+        f"(groups: {', '.join(info['splits'])}; variables y, params, y0"
+        + (", obs (noisy observations of y))" if info["noise"] else ")")
     )
 
 
@@ -285,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_ATOL,
         help=f"absolute tolerance (default {DEFAULT_ATOL:g})",
+    )
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="Gaussian observation noise, as a fraction of each state's std over the train "
+        "split (stored as `obs` beside the clean `y`; default 0)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)

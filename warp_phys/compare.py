@@ -28,19 +28,45 @@ from warp_phys.run import (
 
 log = logging.getLogger(__name__)
 
-# Used when a preset names no [models.*]: the four models of the paper's comparison.
+# Used when a preset names no [models.*]: the four models of the paper's comparison, sized for
+# a CPU. WARP-Phys is the in-context least-squares prior when the system is linear in its
+# unknowns (every built-in one is), else the ODE prior with parameters read from θ.
 DEFAULT_MODELS = {
-    "warp": {"kind": "warp", "prior": "blackbox"},
-    "warp_phys": {"kind": "warp", "prior": "ode", "hold_after_context": True},
+    "warp": {"kind": "warp", "prior": "blackbox", "prior_options": {"width": 32, "depth": 2}},
+    "warp_phys": {
+        "kind": "warp",
+        "prior": "lsq",
+        "transition": "prior",
+        "init_state": "learned",
+        "hold_after_context": True,
+    },
     "gru": {"kind": "gru"},
     "lstm": {"kind": "lstm"},
 }
+ODE_PHYS = {"kind": "warp", "prior": "ode", "hold_after_context": True}
+
+
+def default_models(system) -> dict:
+    """The default models for `system`: the ODE prior when the lsq prior does not apply."""
+    from warp_phys.identify import linear_form
+
+    models = dict(DEFAULT_MODELS)
+    try:
+        linear = linear_form(system) is not None
+    except UserError:  # nothing unknown: no physics prior to learn
+        linear = False
+        models.pop("warp_phys")
+    if not linear and "warp_phys" in models:
+        models["warp_phys"] = ODE_PHYS
+    return models
 
 
 def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Train and evaluate every model of `cfg`; write the results, table, plots and predictions."""
     if not cfg.models:
-        cfg = dataclasses.replace(cfg, models=DEFAULT_MODELS)
+        from warp_phys.system import get_system
+
+        cfg = dataclasses.replace(cfg, models=default_models(get_system(cfg.data.system)))
     out = Path(cfg.out_dir) / cfg.name
     if (
         out.exists()
@@ -59,8 +85,13 @@ def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> d
         run_dir = out / label
         if resume and (run_dir / "metrics.json").exists():
             log.info("%s: already done, re-reading its metrics", label)
-            got = evaluate_run(run_dir, cfg=cfg, data=data)
-            got["train"] = json.loads((run_dir / "train_summary.json").read_text())
+            done = json.loads((run_dir / "metrics.json").read_text())
+            train_summary = json.loads((run_dir / "train_summary.json").read_text())
+            if "failed" in done:
+                got = {"failed": done["failed"], "predictions": {}}
+            else:
+                got = evaluate_run(run_dir, cfg=cfg, data=data)
+            got["train"] = train_summary
         else:
             got = train_and_evaluate(
                 cfg,
@@ -72,12 +103,16 @@ def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> d
                 progress=progress,
             )
         results[label] = summarize(got)
-        preds[label] = got["predictions"]
+        if "failed" in got:
+            log.warning("%s failed: %s", label, got["failed"])
+        else:
+            preds[label] = got["predictions"]
     summary = {
         "name": cfg.name,
         "system": data.system.name,
         "data": str(data.path),
         "context": cfg.data.context,
+        "noise": data.noise,
         "models": results,
     }
     (out / "results.json").write_text(json.dumps(_finite(summary), indent=2))
@@ -97,32 +132,44 @@ def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> d
 
 def summarize(got: dict) -> dict:
     """Condense one model's metrics to what results.json reports per split."""
+    train = got["train"]
+    head = {
+        "n_params": train["n_params"],
+        "train_seconds": train["train_seconds"],
+        "train_steps": train["steps"],
+        "best_step": train["best_step"],
+        "skipped_batches": train.get("skipped_batches", 0),
+        "stopped": train.get("stopped", ""),
+    }
+    if "failed" in got:
+        return head | {"failed": got["failed"], "splits": {}}
     m = got["metrics"]
     per_split = {}
     for split, res in m["splits"].items():
         model = res["model"]
         row = {k: model[k] for k in ("mse", "mae", "median_mse", "n_nonfinite")}
         row |= {k: v for k, v in model.items() if k.startswith("ratio_to_")}
+        row["best_reference"] = model.get("best_reference", "")
         row["per_horizon_mse"] = model["per_horizon_mse"]
         for part in ("in_range", "out_of_range"):
             if part in model:
                 row[part] = model[part]
-        row["references"] = {
-            k: {
-                "mse": v["mse"],
-                "median_mse": v["median_mse"],
-                **({p: v[p] for p in ("in_range", "out_of_range") if p in v}),
-            }
-            for k, v in res["references"].items()
-        }
+        if "vpt" in model:
+            row["vpt"] = {k: model["vpt"][k] for k in ("mean", "median")}
+        row["references"] = {k: _reference_row(v) for k, v in res["references"].items()}
         row["recovery"] = res["recovery"]
         per_split[split] = row
-    return {
-        "n_params": m["n_params"],
-        "train_seconds": got["train"]["train_seconds"],
-        "train_steps": got["train"]["steps"],
-        "best_step": got["train"]["best_step"],
-        "skipped_batches": got["train"].get("skipped_batches", 0),
-        "stopped": got["train"].get("stopped", ""),
-        "splits": per_split,
-    }
+    return head | {"n_params": m["n_params"], "splits": per_split}
+
+
+def _reference_row(v: dict) -> dict:
+    if "not_applicable" in v:
+        return {"not_applicable": v["not_applicable"]}
+    row = {k: v[k] for k in ("mse", "median_mse")}
+    row |= {p: v[p] for p in ("in_range", "out_of_range") if p in v}
+    if "vpt" in v:
+        row["vpt"] = {k: v["vpt"][k] for k in ("mean", "median")}
+    for k in ("seconds_per_trajectory", "method", "recovery"):
+        if k in v:
+            row[k] = v[k]
+    return row

@@ -37,6 +37,9 @@ class DataConfig:
     n_test_ood: int = 128
     seed: int = 0  # dataset seed (parameters, initial states)
     chunk: int = 256  # trajectories per integration/write chunk
+    # observation noise σ as a fraction of each state's train std (models see y + σ ε; errors
+    # are taken against the clean y); 0 = clean, or whatever the store given by `path` holds
+    noise: float = 0.0
     context: int = 100  # L: ground-truth steps given before the forecast (paper: 100 for MSD)
 
 
@@ -45,7 +48,8 @@ class ModelConfig:
     kind: str = "warp"  # warp | gru | lstm
     prior: str = "blackbox"  # root-network family from priors/ (warp only)
     prior_options: dict[str, Any] = field(default_factory=dict)  # passed to the prior
-    transition: str = "rotation"  # dense (paper) | diagonal | rotation (damped 2x2 blocks)
+    # dense (paper) | diagonal | rotation (damped 2x2 blocks) | prior (the prior's own, lsq)
+    transition: str = "rotation"
     anchored: bool = True  # θ_t − θ_0 = A(θ_{t−1} − θ_0) + B Δy_t
     init_state: str = "hypernet"  # hypernet (paper's φ(y_0)) | learned
     hold_after_context: bool = False  # physics priors: keep θ fixed through the forecast

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Split:
-    y: Tensor  # (N, T, S) float32
+    """One split in memory. Models and references see `y`; errors are taken against `truth`.
+
+    Without observation noise both are the same tensor; with it `y` holds the noisy
+    observations and `truth` the clean trajectories.
+    """
+
+    y: Tensor  # (N, T, S) float32, what is observed
     params: np.ndarray  # (N, P) float64, true parameters
+    truth: Tensor | None = None  # (N, T, S) float32 clean trajectories; None: the same as y
+
+    def __post_init__(self) -> None:
+        if self.truth is None:
+            self.truth = self.y
 
 
 @dataclass
@@ -31,6 +42,8 @@ class Dataset:
     state: tuple[str, ...]
     parameter: tuple[str, ...]
     splits: dict[str, Split]
+    noise: float = 0.0  # observation noise, fraction of each state's train std (0: clean)
+    cache: dict = field(default_factory=dict, repr=False)  # results shared by every model
 
     @property
     def state_dim(self) -> int:
@@ -54,7 +67,8 @@ class Dataset:
 
 def default_path(cfg: DataConfig) -> Path:
     sizes = f"{cfg.n_train}-{cfg.n_val}-{cfg.n_test}-{cfg.n_test_ood}"
-    return Path("runs/out/data") / f"{cfg.system}-{sizes}-s{cfg.seed}.zarr"
+    noise = f"-n{cfg.noise:g}" if cfg.noise else ""
+    return Path("runs/out/data") / f"{cfg.system}-{sizes}-s{cfg.seed}{noise}.zarr"
 
 
 def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
@@ -63,6 +77,7 @@ def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
 
     path = Path(cfg.path) if cfg.path else default_path(cfg)
     if path.exists() and is_complete(path):
+        check_store_noise(path, cfg.noise)
         return path
     if cfg.path and not path.exists() and not cfg.system:
         raise UserError(f"dataset {path} does not exist; give data.system to generate it")
@@ -79,9 +94,26 @@ def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
         counts=counts,
         seed=cfg.seed,
         chunk=cfg.chunk,
+        noise=cfg.noise,
         progress=progress,
     )
     return path
+
+
+def check_store_noise(path: Path, noise: float) -> None:
+    """Raise when data.noise asks for observation noise that the store at `path` does not have.
+
+    data.noise = 0 asks for nothing: a store's own noise (or none) is then used as it is."""
+    from warp_phys.store import store_info
+
+    have = store_info(path)["noise"]
+    if noise and have != noise:
+        what = f"with noise {have:g}" if have else "without observation noise"
+        raise UserError(
+            f"data.noise = {noise:g} was asked but the store {path} was generated {what}; "
+            f"generate one with `warp-phys generate SYSTEM --noise {noise:g} --out NEW.zarr` "
+            f"and pass it with --data, or drop data.noise"
+        )
 
 
 def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
@@ -92,9 +124,12 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     for split in splits:
         ds = open_split(path, split)
         first = first if first is not None else ds
+        clean = torch.from_numpy(np.asarray(ds["y"].values, dtype=np.float32))
+        obs = ds.get("obs")
         loaded[split] = Split(
-            y=torch.from_numpy(np.asarray(ds["y"].values, dtype=np.float32)),
+            y=clean if obs is None else torch.from_numpy(np.asarray(obs.values, dtype=np.float32)),
             params=np.asarray(ds["params"].values, dtype=np.float64),
+            truth=clean,
         )
     system_name = first.attrs["system"]
     try:
@@ -110,6 +145,7 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
         state=tuple(str(s) for s in first["state"].values),
         parameter=tuple(str(p) for p in first["parameter"].values),
         splits=loaded,
+        noise=float(first.attrs.get("noise", 0.0)),
     )
 
 

@@ -1,12 +1,18 @@
-"""Rollout with context and forecast metrics, beside three reference forecasts.
+"""Rollout with context and forecast metrics, beside the reference forecasts.
 
-The first L steps of each test trajectory are context (ground truth fed to the model); the
+The first L steps of each test trajectory are context (observations fed to the model); the
 model then feeds itself. Metrics cover the forecast steps t = L .. T-1 only, in physical
-units, averaged over states. References on the same steps:
-- persistence: the last context value held;
+units, averaged over states, against the clean trajectories (with observation noise, models
+and references see only the noisy observations). References on the same steps:
+- persistence: the last context observation held;
 - zero and mean: 0, and the training set's mean trajectory;
-- in-context linear least squares: y_{t+1} ≈ E y_t + c fitted on each trajectory's context,
-  rolled forward (exact for linear systems such as the MSD).
+- linear_fit: y_{t+1} ≈ E y_t + c fitted on each trajectory's context, rolled forward
+  (exact for linear systems such as the MSD);
+- ode_fit: the system's own unknown parameters fitted to each context (least squares of the
+  integral form of its equation) and integrated from the last context observation: the fit a
+  scientist does by hand (`warp_phys.identify`).
+For systems that declare a Lyapunov time, the valid prediction time of every forecast is
+reported too (`valid_prediction_time`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from warp_phys.data import Dataset
+from warp_phys.errors import UserError
+from warp_phys.identify import ode_fit
+
+VPT_THRESHOLD = 30.0  # sMAPE (percent) at which a forecast stops being valid (Gilpin 2023)
 
 
 @torch.no_grad()
@@ -75,7 +85,7 @@ def forecast_errors(pred: Tensor, truth: Tensor) -> dict:
 
 
 def reference_forecasts(ys: Tensor, context: int, train_mean: Tensor) -> dict[str, Tensor]:
-    """Return the reference forecasts of steps L..T-1, each ``(N, T-L, S)``."""
+    """Return the model-free reference forecasts of steps L..T-1, each ``(N, T-L, S)``."""
     H = ys.shape[1] - context
     return {
         "persistence": ys[:, context - 1 : context].expand(-1, H, -1),
@@ -83,6 +93,84 @@ def reference_forecasts(ys: Tensor, context: int, train_mean: Tensor) -> dict[st
         "mean": train_mean[context:].expand(len(ys), -1, -1),
         "linear_fit": linear_fit_forecast(ys, context)[:, context:],
     }
+
+
+def valid_prediction_time(pred: Tensor, truth: Tensor, dt: float, lyapunov_time: float) -> Tensor:
+    """Valid prediction time of each forecast ``(N,)``, in Lyapunov times.
+
+    The first forecast time at which the symmetric mean absolute percentage error over the
+    states, sMAPE_t = 200/S Σ_s |ŷ_s - y_s| / (|ŷ_s| + |y_s|), exceeds `VPT_THRESHOLD` = 30,
+    as in W. Gilpin, "Model scale versus domain knowledge in statistical forecasting of chaotic
+    systems", Phys. Rev. Research 5, 043252 (2023), and Lai, Bao & Gilpin, "Panda" (2025),
+    built on the dysts catalogue. A forecast valid to the end scores its whole horizon; a
+    non-finite one fails at its first non-finite step. pred, truth: ``(N, H, S)``, step i at
+    (i + 1)·dt after the last context value.
+    """
+    p, y = pred.double(), truth.double()
+    denom = p.abs() + y.abs()
+    ratio = torch.where(denom > 0, (p - y).abs() / denom, torch.zeros_like(denom))
+    smape = 200.0 * ratio.mean(-1)  # (N, H)
+    bad = ~(smape <= VPT_THRESHOLD)  # NaN counts as bad
+    H = smape.shape[1]
+    first = torch.where(bad.any(1), bad.float().argmax(1), torch.full_like(bad[:, 0], H, dtype=torch.long))
+    return first.double() * dt / lyapunov_time
+
+
+def references_for(data: Dataset, split: str, context: int) -> dict:
+    """Reference forecasts and their metrics for one split (cached on `data`: every model of a
+    compare is measured against the same references, computed once)."""
+    key = ("references", split, context)
+    if key in data.cache:
+        return data.cache[key]
+    obs, truth = data.splits[split].y, data.splits[split].truth
+    train_mean = data.splits["train"].y.mean(dim=0)  # (T, S)
+    preds = reference_forecasts(obs, context, train_mean)
+    extra: dict = {}
+    try:
+        fit = ode_fit(data.system, torch.as_tensor(data.times), obs, context)
+        preds["ode_fit"] = fit.forecast
+        extra["ode_fit"] = {
+            "seconds_per_trajectory": fit.seconds_per_trajectory,
+            "method": fit.method,
+            "recovery": parameter_errors(data, split, {k: v.numpy() for k, v in fit.estimates.items()}),
+        }
+    except UserError as err:
+        extra["ode_fit"] = {"not_applicable": str(err)}
+    metrics = {}
+    for name, pred in preds.items():
+        metrics[name] = forecast_errors(pred, truth[:, context:]) | extra.get(name, {})
+        add_vpt(metrics[name], data, pred, truth[:, context:])
+    if "not_applicable" in extra.get("ode_fit", {}):
+        metrics["ode_fit"] = extra["ode_fit"]
+    data.cache[key] = {"metrics": metrics, "forecasts": preds}
+    return data.cache[key]
+
+
+def add_vpt(entry: dict, data: Dataset, pred: Tensor, truth: Tensor) -> None:
+    """Add the valid prediction time (mean, median, per trajectory) when the system declares
+    a Lyapunov time."""
+    lyap = getattr(data.system, "lyapunov_time", None)
+    if not lyap:
+        return
+    vpt = valid_prediction_time(pred, truth, data.dt, lyap)
+    entry["vpt"] = {
+        "mean": float(vpt.mean()),
+        "median": float(vpt.median()),
+        "per_trajectory": vpt.tolist(),
+    }
+
+
+def best_reference(references: dict) -> tuple[str, float]:
+    """Return the reference with the lowest finite positive mean MSE, and that MSE."""
+    scored = [
+        (v["mse"], k)
+        for k, v in references.items()
+        if "mse" in v and np.isfinite(v["mse"]) and v["mse"] > 0
+    ]
+    if not scored:
+        return "", float("nan")
+    mse, name = min(scored)
+    return name, mse
 
 
 def in_train_range(data: Dataset, params: np.ndarray) -> np.ndarray:
@@ -103,21 +191,29 @@ def evaluate_split(
     device: torch.device | str = "cpu",
     batch: int = 256,
 ) -> dict:
-    """Forecast metrics for one split, with references, robust figures and raw predictions."""
-    ys = data.splits[split].y
-    mean, std = rollout(model, ys, context, batch=batch, device=device)
+    """Forecast metrics for one split, with references, robust figures and raw predictions.
+
+    The model sees the observations; errors are against the clean trajectories."""
+    obs, clean = data.splits[split].y, data.splits[split].truth
+    mean, std = rollout(model, obs, context, batch=batch, device=device)
     pred = mean[:, context - 1 :]  # (N, T-L, S): predictions of y_L..y_{T-1}
-    truth = ys[:, context:]
+    truth = clean[:, context:]
     result = {"model": forecast_errors(pred, truth)}
-    train_mean = data.splits["train"].y.mean(dim=0)  # (T, S)
-    refs = reference_forecasts(ys, context, train_mean)
-    result["references"] = {k: forecast_errors(v, truth) for k, v in refs.items()}
-    for k in result["references"]:
-        ref = result["references"][k]["mse"]
-        result["model"][f"ratio_to_{k}"] = result["model"]["mse"] / ref if ref > 0 else float("inf")
+    add_vpt(result["model"], data, pred, truth)
+    refs = references_for(data, split, context)["metrics"]
+    result["references"] = {k: dict(v) for k, v in refs.items()}
+    for k, ref in result["references"].items():
+        if "mse" in ref:
+            r = ref["mse"]
+            result["model"][f"ratio_to_{k}"] = result["model"]["mse"] / r if r > 0 else float("inf")
+    name, mse = best_reference(result["references"])
+    result["model"]["best_reference"] = name
+    result["model"]["ratio_to_best_reference"] = result["model"]["mse"] / mse if name else float("nan")
     if split == "test_ood":
         inside = in_train_range(data, data.splits[split].params)
         for entry in (result["model"], *result["references"].values()):
+            if "per_trajectory_mse" not in entry:
+                continue
             per = torch.tensor(entry["per_trajectory_mse"], dtype=torch.float64)
             entry["in_range"], entry["out_of_range"] = _subset(per, inside), _subset(per, ~inside)
     result["recovery"] = recovered_params(model, data, split, context, device=device, batch=batch)
@@ -160,7 +256,16 @@ def recovered_params(
     if not chunks:
         return {}
     est = {k: torch.cat(v).numpy() for k, v in chunks.items()}
-    learned = _learned_names(model)
+    return parameter_errors(data, split, est, _learned_names(model))
+
+
+def parameter_errors(
+    data: Dataset, split: str, est: dict[str, np.ndarray], learned: set[str] | None = None
+) -> dict:
+    """Relative errors of estimated parameters ``{name: (N,)}`` against the truth of `split`.
+
+    Names may be parameters or the system's identifiable combinations (e.g. "k/m"): the
+    identifiable ones are reported, computed from full parameter estimates when needed."""
     true_params = data.splits[split].params
     truth = {n: true_params[:, j] for j, n in enumerate(data.parameter)}
     out = {}
@@ -169,8 +274,8 @@ def recovered_params(
         out[name] = {
             "median_rel_error": float(np.median(rel)),
             "mean_rel_error": float(np.mean(rel)),
-            "estimate": e.tolist(),
-            "true": t.tolist(),
+            "estimate": np.asarray(e, dtype=float).tolist(),
+            "true": np.asarray(t, dtype=float).tolist(),
         }
     return out
 
@@ -195,8 +300,11 @@ def _identifiable(data: Dataset, est: dict, truth: dict, learned: set[str] | Non
         and data.system.params[n].train is not None
         and (learned is None or n in learned)
     }
+    pt = np.stack([truth[n] for n in data.parameter], -1)
     for name, fn in declared.items():
-        if all(n in est for n in data.parameter):
+        if name in est:  # estimated directly (a fit in the identifiable coefficients)
+            pairs[name] = (np.asarray(est[name]), np.asarray(fn(data.system.view(pt))))
+        elif all(n in est for n in data.parameter):
             pe = np.stack([est[n] for n in data.parameter], -1)
             pt = np.stack([truth[n] for n in data.parameter], -1)
             pairs[name] = (

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
-REFERENCES = ("persistence", "zero", "mean", "linear_fit")
+REFERENCES = ("persistence", "zero", "mean", "linear_fit", "ode_fit")
 
 
 def _fmt(x) -> str:
@@ -24,32 +24,65 @@ def _fmt(x) -> str:
     return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
 
 
+def _vpt(r: dict) -> str:
+    v = r.get("vpt")
+    return f"{_fmt(v['mean'])} / {_fmt(v['median'])}" if v else "-"
+
+
 def results_table(summary: dict) -> str:
     """Markdown table: per split and model, forecast errors, robust figures, references."""
     lines = [f"# {summary['name']}: {summary['system']}, context L = {summary['context']}", ""]
+    if summary.get("noise"):
+        lines += [
+            f"Observation noise {summary['noise']:g} of each state's std: models and references "
+            f"see noisy observations, errors are against the clean trajectories.",
+            "",
+        ]
     models = summary["models"]
+    ok = {lab: res for lab, res in models.items() if "failed" not in res}
+    chaos = any("vpt" in res["splits"][s] for res in ok.values() for s in res["splits"])
     for split in ("test", "test_ood"):
         lines += [f"## {split}", ""]
-        head = "| model | MSE | median MSE | MAE | in-range MSE | out-of-range MSE | MSE / linear fit | params | train s |"
+        head = "| model | MSE | median MSE | MAE | in-range MSE | out-of-range MSE |"
+        head += " VPT mean / median (Lyapunov times) |" if chaos else ""
+        head += " MSE / best reference | params | train s |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        best = ""
         for label, res in models.items():
+            if "failed" in res:
+                lines.append(f"| {label} | failed: {res['failed']} |")
+                continue
             r = res["splits"][split]
+            best = r.get("best_reference", best)
             lines.append(
                 f"| {label} | {_fmt(r['mse'])} | {_fmt(r['median_mse'])} | {_fmt(r['mae'])} | "
                 f"{_fmt(r.get('in_range', {}).get('mse', '-'))} | {_fmt(r.get('out_of_range', {}).get('mse', '-'))} | "
-                f"{_fmt(r['ratio_to_linear_fit'])} | {res['n_params']:,} | {res['train_seconds']:.0f} |"
+                + (f"{_vpt(r)} | " if chaos else "")
+                + f"{_fmt(r.get('ratio_to_best_reference', '-'))} | {res['n_params']:,} | {res['train_seconds']:.0f} |"
             )
-        first = next(iter(models.values()))["splits"][split]["references"]
+        refs = next(iter(ok.values()))["splits"][split]["references"] if ok else {}
         for ref in REFERENCES:
-            r = first[ref]
+            r = refs.get(ref)
+            if r is None:
+                continue
+            if "not_applicable" in r:
+                lines.append(f"| *{ref}* | not applicable: {r['not_applicable']} |")
+                continue
+            cost = (
+                f" {1e3 * r['seconds_per_trajectory']:.2g} ms/trajectory"
+                if "seconds_per_trajectory" in r
+                else ""
+            )
             lines.append(
                 f"| *{ref}* | {_fmt(r['mse'])} | {_fmt(r['median_mse'])} | | "
-                f"{_fmt(r.get('in_range', {}).get('mse', '-'))} | {_fmt(r.get('out_of_range', {}).get('mse', '-'))} | | | |"
+                f"{_fmt(r.get('in_range', {}).get('mse', '-'))} | {_fmt(r.get('out_of_range', {}).get('mse', '-'))} | "
+                + (f"{_vpt(r)} | " if chaos else "")
+                + f"{'best' if ref == best else ''} | |{cost} |"
             )
         lines.append("")
         blew = [
             f"{lab} {res['splits'][split]['n_nonfinite']}"
-            for lab, res in models.items()
+            for lab, res in ok.items()
             if res["splits"][split].get("n_nonfinite")
         ]
         if blew:
@@ -58,11 +91,9 @@ def results_table(summary: dict) -> str:
                 + ", ".join(blew),
                 "",
             ]
-        rec = [
-            (lab, res["splits"][split]["recovery"])
-            for lab, res in models.items()
-            if res["splits"][split]["recovery"]
-        ]
+        rec = [(lab, res["splits"][split]["recovery"]) for lab, res in ok.items()]
+        rec += [("ode_fit (reference)", refs.get("ode_fit", {}).get("recovery", {}))]
+        rec = [(lab, r) for lab, r in rec if r]
         if rec:
             lines += [
                 "Recovered parameters, median (mean) relative error at the end of the context:",
@@ -126,6 +157,8 @@ def plot_horizon(summary: dict, times: np.ndarray, context: int, path: Path) -> 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, split in zip(axes, ("test", "test_ood"), strict=True):
         for label, res in summary["models"].items():
+            if "failed" in res:
+                continue
             curve = np.asarray(res["splits"][split]["per_horizon_mse"], dtype=float)
             ax.semilogy(np.arange(1, len(curve) + 1), curve, label=label)
         ax.set_title(split)
@@ -142,7 +175,7 @@ def plot_recovery(summary: dict, path: Path) -> None:
     items = [
         (lab, split, name, r)
         for lab, res in summary["models"].items()
-        for split in ("test", "test_ood")
+        for split in res["splits"]
         for name, r in res["splits"][split]["recovery"].items()
     ]
     if not items:

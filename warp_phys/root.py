@@ -9,6 +9,11 @@ point), and how to turn per-sample weights into a prediction of the next state:
 `std` is None unless the root predicts an uncertainty (Gaussian NLL loss). Evaluation is
 batched over per-sample weights, never a Python loop over the batch.
 
+A root also says what drives the recurrence θ_t = A θ_{t-1} + B ψ_t: by default the paper's
+ψ_t = x_t - x_{t-1} with A and B learned; a physics prior may instead read a window of the
+last `input_window` fed values through a nonlinear map (`inputs`) and fix A and B itself
+(`recurrence`), so that θ accumulates sums over time of nonlinear features of the data.
+
 Roots live in `priors/`, one file per family, registered with `@register_prior("name")`;
 the constructor takes keyword-only options plus `state_dim` and `system` (the registered
 `System` of the dataset, or None).
@@ -35,6 +40,10 @@ class AbstractRoot(nn.Module, ABC):
     n_weights: int  # D_theta
     # True: the model feeds raw states (physics priors), never standardised
     physical_units: bool = False
+    # consecutive fed values ψ_t sees: x_{t-m+1}..x_t (windows reaching before x_0 repeat x_0
+    # and its time, so a prior can tell them by a zero time step)
+    input_window: int = 2
+    n_inputs: int | None = None  # size of ψ_t; None: the state size (ψ_t = Δx_t)
 
     @abstractmethod
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
@@ -49,6 +58,25 @@ class AbstractRoot(nn.Module, ABC):
     def physical_params(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> dict[str, Tensor]:
         """Return named physical parameters read from θ, each ``(B,)`` (empty when black-box)."""
         return {}
+
+    def inputs(self, tau: Tensor, x: Tensor) -> Tensor:
+        """Return ψ ``(..., n_inputs)`` of windows of fed values ``x (..., m, S)`` at
+        normalised times ``tau (..., m)``, m = `input_window`. Default: x_t - x_{t-1}."""
+        return x[..., -1, :] - x[..., -2, :]
+
+    def recurrence(self) -> tuple[Tensor, Tensor] | None:
+        """Return a fixed recurrence (decay ``(n_weights,)`` of a diagonal A, input map B
+        ``(n_weights, n_inputs)``) that WARP must use untrained, or None: A and B are learned."""
+        return None
+
+    @property
+    def default_drive(self) -> bool:
+        """True when the recurrence is the paper's: ψ = Δx, A and B learned."""
+        return (
+            type(self).inputs is AbstractRoot.inputs
+            and type(self).recurrence is AbstractRoot.recurrence
+            and self.input_window == 2
+        )
 
 
 class FlatMLP:

@@ -51,6 +51,14 @@ def train_and_evaluate(
     meta = {"label": label, "model": dataclasses.asdict(model_cfg), "data_path": str(data.path)}
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     summary = train(cfg, data, run_dir, model_cfg=model_cfg, resume=resume, progress=progress)
+    if not math.isfinite(summary["best_val"]):
+        reason = summary["stopped"] or "every validation forecast was non-finite"
+        failed = (
+            f"never produced a finite validation score ({reason}); not evaluated at its "
+            f"untrained weights"
+        )
+        (run_dir / "metrics.json").write_text(json.dumps({"label": label, "failed": failed}))
+        return {"failed": failed, "train": summary, "predictions": {}}
     return evaluate_run(run_dir, cfg=cfg, data=data) | {"train": summary}
 
 
@@ -102,10 +110,11 @@ def predictions_dataset(
 ) -> xr.Dataset:
     """Truth beside each model's predictions: dims (model, trajectory, time, state).
 
+    `truth` is the clean trajectory, `observation` what the models saw (noisy with noise).
     `prediction[t]` for t < L is the one-step prediction under teacher forcing, for t >= L the
     forecast; t = 0 has none (NaN). `std` is present (NaN elsewhere) for models predicting it.
     """
-    truth = data.splits[split].y.numpy()
+    truth = data.splits[split].truth.numpy()
     N, T, S = truth.shape
     labels = list(preds)
     pred = np.full((len(labels), N, T, S), np.nan, np.float32)
@@ -128,10 +137,17 @@ def predictions_dataset(
             "prediction": (("model", "trajectory", "time", "state"), pred),
             "std": (("model", "trajectory", "time", "state"), std),
             "params": (("trajectory", "parameter"), data.splits[split].params),
+            # what models saw: the noisy observations (the truth itself without noise)
+            "observation": (("trajectory", "time", "state"), data.splits[split].y.numpy()),
             "is_forecast": (("time",), np.arange(T) >= context),
         },
         coords=coords,
-        attrs={"split": split, "context": context, "system": data.system.name},
+        attrs={
+            "split": split,
+            "context": context,
+            "system": data.system.name,
+            "noise": data.noise,
+        },
     )
     return ds
 

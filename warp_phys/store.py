@@ -6,9 +6,11 @@ One store (zarr format 3) per dataset, one group per split:
       train/ val/ test/ test_ood/    each opens with ``xarray.open_zarr(PATH, group=split)``
         y (trajectory, time, state)  float64, chunked along trajectory by `chunk`
         params (trajectory, parameter), y0 (trajectory, state)
+        obs (trajectory, time, state) y plus Gaussian observation noise (only with `noise`)
         coordinates trajectory, time, state (names), parameter (names); attrs describe the
         system, ranges, initial states, integrator, seed and the range of values per state
-      _progress/<split>/             done (chunk) marks and per-chunk y_min, y_max (chunk, state)
+      _progress/<split>/             done (chunk) marks and per-chunk y_min, y_max (chunk, state);
+                                     obs_done with `noise`
 
 Reproducibility: every parameter vector and initial state of a split is drawn up front from
 ``SeedSequence([seed, split index])`` and stored before any trajectory is integrated; since
@@ -16,6 +18,12 @@ Reproducibility: every parameter vector and initial state of a split is drawn up
 neither `chunk` nor interruptions. Resumability: the skeleton appears at PATH in one rename,
 a chunk's `done` mark is written after its data (zarr's local store writes each file
 atomically), and the root attribute `complete` is set last, after the metadata is consolidated.
+
+Observation noise (`noise` = σ as a fraction of each state's standard deviation over the train
+split): written after every clean chunk, so that the standard deviation is known. It is computed
+in fixed blocks of trajectories and trajectory i's noise comes from its own
+``SeedSequence([seed, split index, NOISE_STREAM, i])``: the bytes depend on neither `chunk` nor
+interruptions either.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ FORMAT = 1  # layout version, bumped when the layout above changes
 _PROGRESS = "_progress"
 _MARKS_PER_FILE = 1024  # chunk marks per zarr chunk of the _progress arrays
 _SMALL_CHUNK = 65536  # trajectories per zarr chunk of params and y0 (tiny arrays)
+NOISE_STREAM = 1  # third entry of a trajectory's noise SeedSequence (parameters use none)
+_STD_BLOCK = 256  # trajectories per block of the train-std computation: fixed, never `chunk`
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ def generate_store(
     method: str = DEFAULT_METHOD,
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
+    noise: float = 0.0,
     progress: bool = True,
 ) -> GenerateReport:
     """Simulate the splits of `counts` into a zarr store at `path`, resuming an interrupted run.
@@ -81,6 +92,8 @@ def generate_store(
         seed: dataset seed; split ``i`` samples from ``SeedSequence([seed, i])``.
         chunk: trajectories integrated and written at once; memory is bounded by it.
         method, rtol, atol: integrator and tolerances passed to `simulate`.
+        noise: observation noise σ as a fraction of each state's standard deviation over the
+            train split, in [0, 1); with noise > 0 the store holds ``obs = y + σ·ε`` beside y.
         progress: show a tqdm bar on stderr over the chunks of all splits.
 
     Raises:
@@ -90,8 +103,9 @@ def generate_store(
     """
     path = Path(path)
     _check_arguments(counts, seed, chunk)
+    check_noise(noise)
     _integrator_attrs(method, rtol, atol)  # validates the method and tolerances
-    arguments = _arguments(system, counts, seed, chunk, method, rtol, atol)
+    arguments = _arguments(system, counts, seed, chunk, method, rtol, atol, noise)
     ts = system.times()  # (T,) float64
     samples = {split: _sample(system, seed, split, n) for split, n in counts.items()}
     _probe(system, samples[next(iter(samples))], ts, method=method, rtol=rtol, atol=atol)
@@ -104,7 +118,12 @@ def generate_store(
     root = zarr.open_group(path, mode="r+")
 
     todo = {split: np.flatnonzero(root[_PROGRESS][split]["done"][:] == 0) for split in counts}
-    left = sum(len(k) for k in todo.values())
+    noisy = {
+        split: np.flatnonzero(root[_PROGRESS][split]["obs_done"][:] == 0) if noise else []
+        for split in counts
+    }
+    left = sum(len(k) for k in todo.values()) + sum(len(k) for k in noisy.values())
+    total *= 2 if noise else 1
     opts = dict(total=total, initial=total - left, unit="chunk", desc=f"generate {system.name}")
     with tqdm(**opts, file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
         for split, chunks in todo.items():
@@ -112,6 +131,17 @@ def generate_store(
             for k in chunks:
                 _write_chunk(root, system, split, int(k), chunk, ts, method, rtol, atol, path)
                 bar.update()
+        if noise:
+            sigma = noise * train_std(root, _splits(root)[0])  # (S,)
+            for split, chunks in noisy.items():
+                bar.set_postfix_str(f"{split} noise")
+                for k in chunks:
+                    _write_noise(root, split, int(k), chunk, sigma, seed)
+                    bar.update()
+            for split in counts:
+                root[split].attrs["noise_std"] = dict(
+                    zip(system.state, map(float, sigma), strict=True)
+                )
     _finalize(path)
     return GenerateReport(path, written=left, skipped=total - left, already_complete=False)
 
@@ -138,12 +168,24 @@ def _check_arguments(counts: dict[str, int], seed: int, chunk: int) -> None:
         raise UserError(f"seed must be a non-negative integer; got {seed!r}")
 
 
+def check_noise(noise: float) -> None:
+    """Raise UserError unless `noise` is a number in [0, 1) (a fraction of the state's std)."""
+    ok = isinstance(noise, int | float | np.floating) and not isinstance(noise, bool)
+    if not ok or not 0.0 <= float(noise) < 1.0:
+        raise UserError(
+            f"noise is the observation noise as a fraction of each state's standard deviation "
+            f"and must lie in [0, 1); got {noise!r} (e.g. --noise 0.05 for 5%)"
+        )
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _arguments(system: System, counts, seed, chunk, method, rtol, atol) -> dict:
-    """Everything that fixes the bytes of a store, as JSON (compared on resume)."""
+def _arguments(system: System, counts, seed, chunk, method, rtol, atol, noise=0.0) -> dict:
+    """Everything that fixes the bytes of a store, as JSON (compared on resume).
+
+    `noise` appears only when positive, so stores without noise keep their arguments."""
     args = {
         "system": system.name,
         "description": system.describe(),
@@ -154,6 +196,8 @@ def _arguments(system: System, counts, seed, chunk, method, rtol, atol) -> dict:
         "rtol": float(rtol),
         "atol": float(atol),
     }
+    if noise:
+        args["noise"] = float(noise)
     return json.loads(json.dumps(args))  # tuples -> lists, as they come back from zarr
 
 
@@ -219,7 +263,8 @@ def _create(path: Path, system: System, arguments: dict, samples: dict) -> None:
         for split, (params, y0) in samples.items():
             _create_split(root.create_group(split), system, split, arguments, params, y0)
             n_chunks = -(-len(params) // arguments["chunk"])
-            _create_marks(progress.create_group(split), n_chunks, system.state_dim)
+            noisy = bool(arguments.get("noise"))
+            _create_marks(progress.create_group(split), n_chunks, system.state_dim, noisy)
         if path.exists():
             path.rmdir()  # only ever an empty directory here (checked by the caller)
         os.rename(tmp, path)
@@ -252,6 +297,9 @@ def _create_split(group, system: System, split: str, arguments: dict, params, y0
     _array(group, "y0", y0, dims=("trajectory", "state"), chunks=(small, S))
     chunks = (min(n, arguments["chunk"]), len(ts), S)
     _array(group, "y", shape=(n, len(ts), S), dims=("trajectory", "time", "state"), chunks=chunks)
+    if arguments.get("noise"):
+        dims = ("trajectory", "time", "state")
+        _array(group, "obs", shape=(n, len(ts), S), dims=dims, chunks=chunks)
     group.attrs.update(_split_attrs(system, split, arguments))
 
 
@@ -269,6 +317,7 @@ def _split_attrs(system: System, split: str, arguments: dict) -> dict:
         "seed": arguments["seed"],
         "counts": arguments["counts"],
         "chunk": arguments["chunk"],
+        "noise": arguments.get("noise", 0.0),
         "warp_phys_version": __version__,
     }
     return json.loads(json.dumps(attrs))  # tuples -> lists, as zarr gives them back
@@ -281,11 +330,12 @@ def _integrator_attrs(method: str, rtol: float, atol: float) -> dict:
     return describe(method, rtol, atol) if describe else plain
 
 
-def _create_marks(group, n_chunks: int, state_dim: int) -> None:
+def _create_marks(group, n_chunks: int, state_dim: int, noisy: bool = False) -> None:
     per_file = min(n_chunks, _MARKS_PER_FILE)
-    _array(
-        group, "done", shape=(n_chunks,), dtype="u1", dims=("chunk",), chunks=(per_file,), fill=0
-    )
+    for name in ("done", "obs_done") if noisy else ("done",):
+        _array(
+            group, name, shape=(n_chunks,), dtype="u1", dims=("chunk",), chunks=(per_file,), fill=0
+        )
     shape, chunks = (n_chunks, state_dim), (per_file, state_dim)
     for name in ("y_min", "y_max"):
         _array(group, name, shape=shape, dims=("chunk", "state"), chunks=chunks)
@@ -306,6 +356,37 @@ def _write_chunk(root, system, split, k, chunk, ts, method, rtol, atol, path) ->
     marks["y_min"][k] = ys.min(axis=(0, 1))
     marks["y_max"][k] = ys.max(axis=(0, 1))
     marks["done"][k] = 1
+
+
+def train_std(root, split: str) -> np.ndarray:
+    """Per-state standard deviation of a split's clean y over (trajectory, time), ``(S,)``.
+
+    Read in fixed blocks of `_STD_BLOCK` trajectories (never the store's chunk), two passes in
+    float64: the same bytes whatever chunk the store was written with.
+    """
+    y = root[split]["y"]
+    n = y.shape[0]
+    blocks = [(lo, min(lo + _STD_BLOCK, n)) for lo in range(0, n, _STD_BLOCK)]
+    count = n * y.shape[1]
+    mean = sum(y[lo:hi].sum(axis=(0, 1)) for lo, hi in blocks) / count  # (S,)
+    var = sum(((y[lo:hi] - mean) ** 2).sum(axis=(0, 1)) for lo, hi in blocks) / count
+    return np.sqrt(var)
+
+
+def trajectory_noise(seed: int, split: str, index: int, shape: tuple[int, int]) -> np.ndarray:
+    """Standard normal noise ``(T, S)`` of trajectory `index` of `split`: its own stream."""
+    seq = np.random.SeedSequence([int(seed), SPLITS.index(split), NOISE_STREAM, int(index)])
+    return np.random.default_rng(seq).standard_normal(shape)
+
+
+def _write_noise(root, split: str, k: int, chunk: int, sigma: np.ndarray, seed: int) -> None:
+    """Write obs = y + σ·ε for chunk `k` of `split`, then mark it done."""
+    group, marks = root[split], root[_PROGRESS][split]
+    lo, hi = k * chunk, min((k + 1) * chunk, group["y"].shape[0])
+    y = group["y"][lo:hi]  # (B, T, S)
+    eps = np.stack([trajectory_noise(seed, split, i, y.shape[1:]) for i in range(lo, hi)])
+    group["obs"][lo:hi] = y + sigma * eps
+    marks["obs_done"][k] = 1
 
 
 def _finalize(path: Path) -> None:
@@ -378,6 +459,7 @@ def _command(path: Path, args: dict) -> str:
     parts += [f"--n-{s.replace('_', '-')} {n}" for s, n in args["counts"].items()]
     parts += [f"--seed {args['seed']}", f"--chunk {args['chunk']}"]
     parts += [f"--rtol {args['rtol']:g}", f"--atol {args['atol']:g}"]
+    parts += [f"--noise {args['noise']:g}"] if args.get("noise") else []
     try:
         from warp_phys.system import get_system
 
@@ -399,7 +481,8 @@ def open_split(path: str | os.PathLike, split: str) -> xr.Dataset:
         raise StoreError(
             f"store {path} has no split {split!r}; its splits are {', '.join(_splits(root))}"
         )
-    for var in ("y", "params", "y0"):  # a partial copy of a complete store: chunk files missing
+    names = ("y", "params", "y0", "obs") if "obs" in root[split] else ("y", "params", "y0")
+    for var in names:  # a partial copy of a complete store: chunk files missing
         arr = root[split][var]
         if arr.nchunks_initialized < arr.nchunks:
             raise StoreError(
@@ -436,6 +519,7 @@ def store_info(path: str | os.PathLike) -> dict:
     return {
         "path": str(path),
         "system": args["system"],
+        "noise": args.get("noise", 0.0),
         "equations": first.attrs["equations"],
         "state": list(first.attrs["state"]),
         "parameter": list(first["parameter"][:]),

@@ -128,7 +128,8 @@ class System(ABC):
     """Base class of every dynamical system. Subclass it once per system; do not subclass further.
 
     Class attributes to declare: `state`, `params`, `y0`, `t_span`, `n_steps`; optional
-    `units`, `y0_test`, `equations` (human-readable lines), `citation`, `identifiable`.
+    `units`, `y0_test`, `equations` (human-readable lines), `citation`, `identifiable`,
+    `lyapunov_time` (chaotic systems: forecasts are then also judged by valid prediction time).
     """
 
     name: str = ""  # set by @register_system
@@ -144,6 +145,9 @@ class System(ABC):
     # combinations of parameters the trajectories determine, reported when priors recover
     # parameters: name -> function of a ParamView (e.g. {"k/m": lambda p: p.k / p.m})
     identifiable: Mapping[str, Callable[[ParamView], Tensor]] = {}
+    # 1 / (largest Lyapunov exponent) at the default parameters, in the units of t; None when
+    # the system is not chaotic
+    lyapunov_time: float | None = None
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ at zero and never touches the real coordinates.
   the small deviation is ever multiplied (reduced-precision products keep it).
 - ``diagonal``: A = diag(1 + ã), ã zero-init: Dθ parameters, so the root can grow past the
   dense limit (Dθ² parameters).
+- ``prior``: a fixed diagonal A given by the root (`AbstractRoot.recurrence`), not trained.
 - ``rotation``: block-diagonal damped 2x2 rotations, i.e. a complex diagonal
   λ = exp(-exp(ν)) e^{iω}, modulus <= 1 for every ν (stable by construction). Memory init:
   every other block at the identity, the others with frequencies spread geometrically over
@@ -136,10 +137,27 @@ class Rotation(AbstractTransition):
         )
 
 
+class FixedDiagonal(AbstractTransition):
+    """A = diag(decay), given and never trained: the recurrence a prior fixes itself
+    (`AbstractRoot.recurrence`), e.g. 1 for running sums and λ < 1 for exponential filters."""
+
+    def __init__(self, dim: int, *, decay: Tensor) -> None:
+        super().__init__()
+        if decay.shape != (dim,):
+            raise ValueError(f"decay must have shape ({dim},); got {tuple(decay.shape)}")
+        self.dim = dim
+        self.register_buffer("decay", decay.detach().clone().float())
+
+    def operator(self, dim: int | None = None) -> BlockDiagOp:
+        empty = self.decay[:0]
+        return BlockDiagOp(empty, empty, F.pad(self.decay, (0, self._pad(dim))))
+
+
 TRANSITIONS: dict[str, type[AbstractTransition]] = {
     "dense": Dense,
     "diagonal": Diagonal,
     "rotation": Rotation,
+    "prior": FixedDiagonal,  # the prior's own fixed recurrence (AbstractRoot.recurrence)
 }
 
 

@@ -6,6 +6,11 @@ With x_t the value fed at step t (ground truth, or the model's own previous pred
     θ_t = A θ_{t-1} + B (x_t - x_{t-1})           (anchored: θ_t - θ_0 = A(θ_{t-1} - θ_0) + B Δx_t)
     ŷ_{t+1} = root(θ_t; τ_{t+1}, x_t, dt)         τ_{t+1} = (t + 1) / (T - 1)
 
+A root may replace the input Δx_t by a nonlinear map ψ of the last few fed values and fix A
+and B itself (`AbstractRoot.inputs`, `recurrence`; transition "prior"): θ then accumulates
+sums over time of nonlinear features of the data, and the recurrence stays linear, so the
+parallel scan is unchanged.
+
 A is identity-like at init (see `transition.py`), B is zero, so at init the model ignores
 its inputs and is the neural field root_{θ_0}(τ). One recurrence serves both modes: the
 steps fed with ground truth (t < context) are computed together by the parallel scan and
@@ -37,7 +42,7 @@ from warp_phys.errors import UserError
 from warp_phys.rollout import DR_SEGMENT, _Rollout, _root_graph  # noqa: F401 - re-exported
 from warp_phys.root import AbstractRoot
 from warp_phys.scan import METHODS, PRECISIONS, LinearOp, prepare, scan
-from warp_phys.transition import TRANSITIONS, build_transition
+from warp_phys.transition import TRANSITIONS, FixedDiagonal, build_transition
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +161,8 @@ class WARP(nn.Module):
         root: the root-network family whose flat weights are the hidden state.
         state_dim: S, number of observed states.
         dt: physical time step passed to the root (physics priors integrate over it).
-        transition: "dense" (paper) | "diagonal" | "rotation" (`transition.py`).
+        transition: "dense" (paper) | "diagonal" | "rotation" (`transition.py`) | "prior"
+            (the root's own fixed recurrence, for roots that define one).
         anchored: recur on θ_t - θ_0 instead of θ_t.
         init_state: "hypernet" (θ_0 = φ(y_0), paper) | "learned" (one learned θ_0).
         hold_after_context: keep θ at θ_{context-1} during the forecast (physics priors).
@@ -216,8 +222,25 @@ class WARP(nn.Module):
         D = root.n_weights
         self.n_weights = D
         self.padded_dim = -(-D // int(pad_to)) * int(pad_to)
-        self.transition = build_transition(transition, D, **(transition_options or {}))
-        self.input_map = nn.Parameter(torch.zeros(D, state_dim))  # B, zero-init
+        fixed = root.recurrence()
+        if fixed is not None and transition != "prior":
+            raise UserError(
+                f"prior {type(root).__name__} fixes its own recurrence (A and B): set "
+                f'transition = "prior" (got {transition!r})'
+            )
+        if fixed is None and transition == "prior":
+            raise UserError(
+                f'transition "prior" needs a prior that fixes its own recurrence (e.g. lsq); '
+                f"{type(root).__name__} does not: choose dense, diagonal or rotation"
+            )
+        if fixed is not None:
+            decay, drive = fixed  # (D,), (D, n_inputs)
+            self.transition = FixedDiagonal(D, decay=decay)
+            self.input_map = nn.Parameter(drive.detach().clone().float(), requires_grad=False)
+        else:
+            self.transition = build_transition(transition, D, **(transition_options or {}))
+            n_in = root.n_inputs or state_dim
+            self.input_map = nn.Parameter(torch.zeros(D, n_in))  # B, zero-init
         self.time_map = nn.Parameter(torch.zeros(D)) if time_channel else None
         init = root.init_weights()
         if init_state == "hypernet":
@@ -234,23 +257,35 @@ class WARP(nn.Module):
             theta0 = self.theta0.expand(y0.shape[0], -1)  # (B, D)
         return F.pad(theta0, (0, self.padded_dim - self.n_weights))
 
-    def _drive(self, dx: Tensor, dtau: float) -> Tensor:
-        """Return B Δx ``(..., Dp)`` for Δx ``(..., S)`` (plus the time channel's B_τ Δτ)."""
-        u = F.linear(dx, self.input_map)  # (..., D)
+    def _inputs(self, ys: Tensor, lo: int, hi: int, dtau: float) -> Tensor:
+        """Return ψ_t ``(B, hi - lo, n_inputs)`` for the fed values ys ``(B, T, S)``, lo >= 1."""
+        if self.root.default_drive:
+            return ys[:, lo:hi] - ys[:, lo - 1 : hi - 1]  # Δx_t
+        m = self.root.input_window
+        idx = torch.arange(lo, hi, device=ys.device)[:, None] + torch.arange(
+            1 - m, 1, device=ys.device
+        )
+        idx = idx.clamp_min(0)  # (k, m): windows reaching before x_0 repeat it (zero time step)
+        tau = (idx * dtau).to(ys.dtype).expand(ys.shape[0], -1, -1)  # (B, k, m)
+        return self.root.inputs(tau, ys[:, idx])  # ys[:, idx]: (B, k, m, S)
+
+    def _drive(self, psi: Tensor, dtau: float) -> Tensor:
+        """Return B ψ ``(..., Dp)`` for ψ ``(..., n_inputs)`` (plus the time channel's B_τ Δτ)."""
+        u = F.linear(psi, self.input_map)  # (..., D)
         if self.time_map is not None:
             u = u + dtau * self.time_map
         return F.pad(u, (0, self.padded_dim - self.n_weights))
 
     def _drive_map(self) -> Tensor:
-        """Return V ``(S[+1], Dp)``: B Δx (+ B_τ Δτ) = [Δx, Δτ] V, padded (one forecast step's
-        input as a low-rank update of the recurrence)."""
-        V = self.input_map.mT  # (S, D)
+        """Return V ``(n_inputs[+1], Dp)``: B ψ (+ B_τ Δτ) = [ψ, Δτ] V, padded (one forecast
+        step's input as a low-rank update of the recurrence)."""
+        V = self.input_map.mT  # (n_inputs, D)
         if self.time_map is not None:
             V = torch.cat((V, self.time_map.unsqueeze(0)), 0)  # (S + 1, D)
         return F.pad(V, (0, self.padded_dim - self.n_weights))
 
     def _drive_rows(self, dx: Tensor, dtau: float) -> Tensor:
-        """Return U = [Δx, Δτ] ``(B, S[+1])`` matching `_drive_map`."""
+        """Return U = [ψ, Δτ] ``(B, n_inputs[+1])`` matching `_drive_map` (ψ = Δx by default)."""
         if self.time_map is None:
             return dx
         return torch.cat((dx, dx.new_full((dx.shape[0], 1), dtau)), -1)
@@ -295,6 +330,7 @@ class WARP(nn.Module):
         if L < T - 1:  # forecast steps, one at a time: the input depends on the prediction
             base = theta0 if self.anchored else None
             fast = self.fast_loop and not keep and not self.hold_after_context
+            fast = fast and self.root.default_drive  # its backward knows ψ = Δx only
             if fast and torch.is_grad_enabled():
                 params = [self.input_map, *([] if self.time_map is None else [self.time_map])]
                 params += [p for p in self.root.parameters() if p.requires_grad]
@@ -343,7 +379,7 @@ class WARP(nn.Module):
         ys = spec.ys
         B, _, S = ys.shape
         lo = max(t0, 1)
-        u = self._drive(ys[:, lo:t1] - ys[:, lo - 1 : t1 - 1], spec.dtau)  # B Δy_t, t in [lo, t1)
+        u = self._drive(self._inputs(ys, lo, t1, spec.dtau), spec.dtau)  # B ψ_t, t in [lo, t1)
         if t0 == 0:  # θ_0 enters as the first input (δ_0 = 0): no second (B, k, Dp) copy
             u = F.pad(u, (0, 0, 1, 0)) if self.anchored else torch.cat((theta0.unsqueeze(1), u), 1)
         h = scan(op, u, h_prev, method=self.scan_method, precision=spec.precision)  # (B, k, Dp)
@@ -377,12 +413,23 @@ class WARP(nn.Module):
         B = ys.shape[0]
         out = _Steps([], [], [], [], [])
         x_prev = ys[:, spec.L - 1]
-        V = self._drive_map()  # (S[+1], Dp)
+        V = self._drive_map()  # (n_inputs[+1], Dp)
+        m_win = self.root.input_window
+        # the last m - 1 fed values before step L (x_0 repeated before the start)
+        past = [ys[:, max(spec.L - m_win + 1 + j, 0)] for j in range(m_win - 1)]
+        times = [max(spec.L - m_win + 1 + j, 0) * spec.dtau for j in range(m_win - 1)]
         for i, t in enumerate(range(spec.L, ys.shape[1] - 1)):
             mask = feed_mask(B, spec.p, spec.generator, ys.device)
             x = select(mask, ys[:, t], m)  # (B, S)
+            window, tau_w = past + [x], times + [t * spec.dtau]  # m fed values, x_t last
+            past, times = window[1:], tau_w[1:]
             if not self.hold_after_context:
-                U = self._drive_rows(x - x_prev, spec.dtau)  # (B, S[+1])
+                if self.root.default_drive:
+                    psi = x - x_prev
+                else:
+                    tau_w = ys.new_tensor(tau_w).expand(B, -1)  # (B, m)
+                    psi = self.root.inputs(tau_w, torch.stack(window, 1))  # (B, n_inputs)
+                U = self._drive_rows(psi, spec.dtau)  # (B, n_inputs[+1])
                 h = lin.apply(h, anchor, update=(U, V))  # (B, Dp)
             theta = h if base is None else base + h
             if graphs is None:

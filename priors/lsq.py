@@ -1,0 +1,247 @@
+"""In-context least squares (WARP-Phys): θ accumulates the normal equations of the fit of the
+system's own equation to the context, and the root solves them, then integrates the result.
+
+For a system linear in its unknowns, f(t, y, p) = F(t, y) c + g(t, y) (`warp_phys.identify`),
+Simpson's rule over each window of three fed values gives one linear equation in c,
+
+    x_t - x_{t-2} - h/3 (g_{t-2} + 4 g_{t-1} + g_t) = h/3 (F_{t-2} + 4 F_{t-1} + F_t) c,
+
+so the least-squares c of everything fed so far solves M c = v, where M and v are sums over t
+of nonlinear features ψ_t of (x_{t-2}, x_{t-1}, x_t): a linear recurrence with A = 1 and a fixed
+B accumulates them, the scan stays parallel, and on clean data the root is the exact fit from
+the first step of training. The same θ carries exponential filters of the observations (A = λ,
+a bank of λ), from which the root estimates the state at the end of the context,
+
+    x̂_t = Σ_j w_j [x_j + ∫_{t_j}^{t} f(c)],     w_j ∝ λ^{t - j},
+
+exact on clean data for every λ, and less noisy than x_t on noisy data: the forecast starts
+from a mixture of these estimates. What is learned lives in θ_0: a prior on the coefficients
+(pseudo-observations added to M and v, shrinking towards what training saw) and the weights of
+the mixture. Units: each equation is divided by the state's reference scale and by the step's
+reference change h·rate, so every window adds O(1) to M whatever the system.
+
+θ layout (D slots): M (upper triangle, K(K+1)/2), v (K), n (fed steps), C_P (S·K), C_q (S)
+running sums; per λ: E_x (S), E_P (S·K), E_q (S) filters; mixture logits (one per λ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from warp_phys.errors import UserError
+from warp_phys.identify import linear_form
+from warp_phys.integrate import rk4
+from warp_phys.physics import reference, resolve_system, time_map
+from warp_phys.root import AbstractRoot, register_prior
+from warp_phys.system import System
+
+SMOOTHING = (0.5, 0.75, 0.875, 0.9375)  # λ of the filters (besides λ = 0: the last value)
+PRIOR_WEIGHT = 1e-6  # θ_0's initial M: pseudo-observations, negligible against one window
+FIRST_LOGIT = 3.0  # initial mixture: mostly the last observation (the by-hand start)
+STEP_RATE = 0.25  # RK4 substeps keep h·ρ(∂f/∂y) <= this over the test ranges
+
+
+@register_prior("lsq")
+class LeastSquaresRoot(AbstractRoot):
+    """θ = normal equations of the context's integral-form fit; root = solve, then RK4.
+
+    root = build_root("lsq", state_dim=2, system=get_system("pendulum"))
+    root.physical_params(theta, tau, y_prev)   # {"g/L": ..., "b": ...}
+    """
+
+    physical_units = True  # raw states: the equations hold in physical units
+    input_window = 3  # Simpson's rule over x_{t-2}, x_{t-1}, x_t
+
+    def __init__(
+        self,
+        *,
+        state_dim: int,
+        system: System | None = None,
+        system_name: str | None = None,  # a registered system; wins over `system`
+        learn: Sequence[str] | None = None,  # unknown parameters; default: those with ranges
+        fixed: Mapping[str, float] | None = None,  # held values of the others
+        smoothing: Sequence[float] = SMOOTHING,  # λ of the state filters, each in (0, 1)
+        substeps: int | str = "auto",  # RK4 substeps per step; "auto": h·ρ <= STEP_RATE
+    ) -> None:
+        super().__init__()
+        self.system = resolve_system(
+            "lsq", state_dim=state_dim, system=system, system_name=system_name
+        )
+        form = linear_form(self.system, learn=learn, fixed=fixed)
+        if form is None:
+            raise UserError(
+                f"prior 'lsq' needs a system linear in its unknown parameters (or in its "
+                f"declared identifiable combinations); {self.system.name!r} is not: use prior "
+                f"'ode'"
+            )
+        lams = [float(v) for v in smoothing]
+        if not all(0.0 < v < 1.0 for v in lams):
+            raise UserError(f"prior 'lsq': smoothing values must lie in (0, 1); got {smoothing!r}")
+        if not (substeps == "auto" or (isinstance(substeps, int) and substeps >= 1)):
+            raise UserError(f"prior 'lsq': substeps must be 'auto' or >= 1; got {substeps!r}")
+        self.form = form
+        self.names = form.names
+        S, K = state_dim, form.n
+        ref = reference(self.system)
+        self.t_start, self.t_length = time_map(self.system)
+        self.h_sys = self.t_length / (self.system.n_steps - 1)  # the store's time step
+        self.nu = 1.0 / (self.h_sys * ref.rate)  # 1 / (reference change of a state per step)
+        self.register_buffer("scale", ref.scale.clone(), False)  # (S,) float64
+        self.register_buffer("lams", torch.tensor([0.0, *lams], dtype=torch.float64), False)
+        self.rho = form.spectral_radius()
+        self.substeps = substeps
+        self._layout(S, K, len(lams) + 1)
+
+    # -- layout ------------------------------------------------------------------------------
+    def _layout(self, S: int, K: int, n_bank: int) -> None:
+        tri = K * (K + 1) // 2
+        # ψ: [vech M (tri), v (K), 1, P (S·K), q (S), x (S)]
+        self.psi_slices = {}
+        k = 0
+        for name, size in (("M", tri), ("v", K), ("one", 1), ("P", S * K), ("q", S), ("x", S)):
+            self.psi_slices[name] = slice(k, k + size)
+            k += size
+        self.n_inputs = k
+        # θ: [M, v, n, C_P, C_q, (E_x, E_P, E_q) per λ, logits]
+        slots, k = {}, 0
+        for name, size in (("M", tri), ("v", K), ("n", 1), ("C_P", S * K), ("C_q", S)):
+            slots[name] = slice(k, k + size)
+            k += size
+        for b in range(n_bank):
+            for name, size in (("E_x", S), ("E_P", S * K), ("E_q", S)):
+                slots[f"{name}{b}"] = slice(k, k + size)
+                k += size
+        slots["logits"] = slice(k, k + n_bank)
+        self.slots, self.n_weights, self.n_bank = slots, k + n_bank, n_bank
+        self.tri = torch.triu_indices(K, K)  # (2, tri) row, col of vech entries
+
+    def recurrence(self) -> tuple[Tensor, Tensor]:
+        D, s, p = self.n_weights, self.slots, self.psi_slices
+        decay = torch.ones(D, dtype=torch.float64)
+        drive = torch.zeros(D, self.n_inputs, dtype=torch.float64)
+
+        def route(slot: slice, src: slice) -> None:
+            drive[slot, src] = torch.eye(slot.stop - slot.start, dtype=torch.float64)
+
+        for name, src in (("M", "M"), ("v", "v"), ("n", "one"), ("C_P", "P"), ("C_q", "q")):
+            route(s[name], p[src])
+        for b in range(self.n_bank):
+            for name, src in (("E_x", "x"), ("E_P", "P"), ("E_q", "q")):
+                route(s[f"{name}{b}"], p[src])
+                decay[s[f"{name}{b}"]] = self.lams[b]
+        return decay, drive  # the logits: A = 1, B = 0 (constants from θ_0)
+
+    def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
+        theta = torch.zeros(self.n_weights)
+        rows, cols = self.tri
+        theta[self.slots["M"]] = PRIOR_WEIGHT * (rows == cols).float()
+        logits = torch.zeros(self.n_bank)
+        logits[0] = FIRST_LOGIT
+        theta[self.slots["logits"]] = logits
+        return theta
+
+    # -- the recurrence's input --------------------------------------------------------------
+    def inputs(self, tau: Tensor, x: Tensor) -> Tensor:
+        """ψ of windows ``x (..., 3, S)`` at normalised times ``tau (..., 3)``."""
+        dtype = x.dtype
+        x = x.double()
+        t = self.t_start + tau.double() * self.t_length  # (..., 3)
+        form, scale, nu = self.form, self.scale, self.nu
+        F, g = form.features(t, x)  # (..., 3, S, K), (..., 3, S)
+        h1, h2 = t[..., 1] - t[..., 0], t[..., 2] - t[..., 1]  # (...)
+        full = ((h1 > 0) & (h2 > 0)).double()  # a whole window (x_{t-2} exists)
+        last = (h2 > 0).double()  # the last step exists (t >= 1)
+        h = 0.5 * (h1 + h2)
+        w3 = torch.stack((h / 3, 4 * h / 3, h / 3), -1)  # Simpson over [t-2, t]
+        # ∫ over the last step: 3-point rule, or the trapezoid when x_{t-2} is missing
+        w1 = torch.where(
+            full.bool().unsqueeze(-1),
+            torch.stack((-h2 / 12, 8 * h2 / 12, 5 * h2 / 12), -1),
+            torch.stack((0 * h2, h2 / 2, h2 / 2), -1),
+        )
+        centre, half = form.centre.to(x), form.half.to(x)
+        unit = (nu / scale).unsqueeze(-1)  # (S, 1): equations in O(1) units
+
+        def integral(w):  # Σ_j w_j F_j, Σ_j w_j g_j
+            return (w[..., :, None, None] * F).sum(-3), (w[..., :, None] * g).sum(-2)
+
+        F3, g3 = integral(w3)  # (..., S, K), (..., S)
+        Phi = F3 * half * unit  # (..., S, K)
+        r = (x[..., 2, :] - x[..., 0, :] - g3 - (F3 @ centre)) * unit[..., 0]  # (..., S)
+        M = (Phi.mT @ Phi)[..., self.tri[0], self.tri[1]] * full.unsqueeze(-1)  # (..., tri)
+        v = (Phi.mT @ r.unsqueeze(-1)).squeeze(-1) * full.unsqueeze(-1)  # (..., K)
+        F1, g1 = integral(w1)
+        P = F1 * half * unit * last[..., None, None]  # (..., S, K)
+        q = (g1 + F1 @ centre) * unit[..., 0] * last.unsqueeze(-1)  # (..., S)
+        xs = x[..., 2, :] / scale * last.unsqueeze(-1)
+        psi = torch.cat((M, v, last.unsqueeze(-1), P.flatten(-2), q, xs), -1)
+        return psi.to(dtype)
+
+    # -- the root ----------------------------------------------------------------------------
+    def solve(self, theta: Tensor) -> Tensor:
+        """Return the normalised coefficients z ``(B, K)`` float64: c = centre + half·z."""
+        K = self.form.n
+        vech = theta[:, self.slots["M"]].double()  # (B, tri)
+        M = vech.new_zeros(len(theta), K, K)
+        M[:, self.tri[0], self.tri[1]] = vech
+        M = M + M.mT - torch.diag_embed(M.diagonal(dim1=-2, dim2=-1))  # symmetric
+        v = theta[:, self.slots["v"]].double()
+        eye = torch.eye(K, dtype=M.dtype, device=M.device)
+        floor = 1e-9 * M.diagonal(dim1=-2, dim2=-1).abs().mean(-1) + 1e-12  # (B,)
+        return torch.linalg.solve(M + floor[:, None, None] * eye, v.unsqueeze(-1)).squeeze(-1)
+
+    def coefficients(self, theta: Tensor) -> Tensor:
+        """Return the fitted coefficients c ``(B, K)`` float64, within the fit's bounds."""
+        z = self.solve(theta)
+        return self.form.clamp(self.form.centre.to(z) + self.form.half.to(z) * z)
+
+    def smoothed_state(self, theta: Tensor, z: Tensor) -> Tensor:
+        """Return x̂ ``(B, S)`` float64 at the time of the last fed value (mixture over λ)."""
+        th = theta.double()
+        B, S, K = len(theta), self.form.system.state_dim, self.form.n
+        n = th[:, self.slots["n"]]  # (B, 1)
+        C = th[:, self.slots["C_P"]].view(B, S, K) @ z.unsqueeze(-1)  # (B, S, 1)
+        C = C.squeeze(-1) + th[:, self.slots["C_q"]]  # (B, S): ∫ f from x_0, normalised
+        weights = torch.softmax(th[:, self.slots["logits"]], -1)  # (B, n_bank)
+        out = 0.0
+        for b in range(self.n_bank):
+            lam = float(self.lams[b])
+            Ex = th[:, self.slots[f"E_x{b}"]]
+            if lam == 0.0:
+                est = Ex
+            else:
+                E = th[:, self.slots[f"E_P{b}"]].view(B, S, K) @ z.unsqueeze(-1)
+                E = E.squeeze(-1) + th[:, self.slots[f"E_q{b}"]]  # (B, S)
+                lam_n = lam**n  # (B, 1)
+                Z = ((1 - lam_n) / (1 - lam)).clamp_min(1e-12)
+                est = (Ex + (lam * E - lam_n * C) / ((1 - lam) * self.nu)) / Z
+            out = out + weights[:, b : b + 1] * est
+        return out * self.scale.to(th)
+
+    def forward(
+        self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float
+    ) -> tuple[Tensor, Tensor | None]:
+        z = self.solve(theta)
+        c = self.form.clamp(self.form.centre.to(z) + self.form.half.to(z) * z)  # (B, K)
+        t0 = self.t_start + tau.double() * self.t_length - dt  # (B,) time of y_prev
+        n = theta[:, self.slots["n"]].double().squeeze(-1)  # fed steps: last at t_start + n h
+        first = (n >= 1) & ((t0 - (self.t_start + n * self.h_sys)).abs() < 0.5 * dt)
+        # the step right after the last fed value starts from the filtered state
+        start = torch.where(first[:, None], self.smoothed_state(theta, z), y_prev.double())
+        n_sub = self.substeps
+        if n_sub == "auto":
+            n_sub = max(1, int(-(-abs(dt) * self.rho // STEP_RATE)))
+        mean = rk4(lambda t, y: self.form.field(t, y, c), start, dt, n_sub, t0=t0)
+        return mean.to(y_prev.dtype), None
+
+    def physical_params(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> dict[str, Tensor]:
+        c = self.coefficients(theta)
+        return dict(zip(self.names, c.to(theta.dtype).unbind(-1), strict=True))
+
+    @property
+    def learned(self) -> tuple[str, ...]:
+        """The fitted coefficients: unknown parameters or identifiable combinations."""
+        return self.names
