@@ -34,7 +34,7 @@ from priors.ode import (
     std_from,
 )
 from warp_phys.errors import UserError
-from warp_phys.physics import reference, resolve_system, spectral_radius, time_map
+from warp_phys.physics import check_grid, reference, resolve_system, spectral_radius, time_map
 from warp_phys.root import AbstractRoot, FlatMLP, register_prior
 from warp_phys.system import System, system_names
 
@@ -125,6 +125,9 @@ class HybridRoot(AbstractRoot):
     def learned(self) -> tuple[str, ...]:
         """Names of the parameters read from θ (the others are held or dropped)."""
         return self.params.learn
+
+    def check_steps(self, n_steps: int) -> None:
+        check_grid(self.system, "hybrid", n_steps)
 
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
         r = self.residual.init(generator)

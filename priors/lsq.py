@@ -15,9 +15,11 @@ a bank of λ), from which the root estimates the state at the end of the context
     x̂_t = Σ_j w_j [x_j + ∫_{t_j}^{t} f(c)],     w_j ∝ λ^{t - j},
 
 exact on clean data for every λ, and less noisy than x_t on noisy data: the forecast starts
-from a mixture of these estimates. What is learned lives in θ_0: a prior on the coefficients
-(pseudo-observations added to M and v, shrinking towards what training saw) and the weights of
-the mixture. Units: each equation is divided by the state's reference scale and by the step's
+from a mixture of these estimates. What is learned lives in θ_0: the weights of the mixture,
+per state (how much to trust the last observation against the filters: the learned
+correction for noise), and, with `learn_prior`, pseudo-observations of the coefficients added
+to M and v (a prior learned from the training ranges: it shrinks estimates towards them, which
+helps in distribution and hurts out of it, so it is off by default). Units: each equation is divided by the state's reference scale and by the step's
 reference change h·rate, so every window adds O(1) to M whatever the system.
 
 θ layout (D slots): M (upper triangle, K(K+1)/2), v (K), n (fed steps), C_P (S·K), C_q (S)
@@ -32,16 +34,15 @@ import torch
 from torch import Tensor
 
 from warp_phys.errors import UserError
-from warp_phys.identify import linear_form
+from warp_phys.identify import linear_form, substeps_for
 from warp_phys.integrate import rk4
-from warp_phys.physics import reference, resolve_system, time_map
+from warp_phys.physics import check_grid, reference, resolve_system, time_map
 from warp_phys.root import AbstractRoot, register_prior
 from warp_phys.system import System
 
 SMOOTHING = (0.5, 0.75, 0.875, 0.9375)  # λ of the filters (besides λ = 0: the last value)
 PRIOR_WEIGHT = 1e-6  # θ_0's initial M: pseudo-observations, negligible against one window
-FIRST_LOGIT = 3.0  # initial mixture: mostly the last observation (the by-hand start)
-STEP_RATE = 0.25  # RK4 substeps keep h·ρ(∂f/∂y) <= this over the test ranges
+STEP_RATE = 0.25  # RK4 substeps keep h·‖∂f/∂y‖∞ <= this at the start of each step
 
 
 @register_prior("lsq")
@@ -65,6 +66,7 @@ class LeastSquaresRoot(AbstractRoot):
         fixed: Mapping[str, float] | None = None,  # held values of the others
         smoothing: Sequence[float] = SMOOTHING,  # λ of the state filters, each in (0, 1)
         substeps: int | str = "auto",  # RK4 substeps per step; "auto": h·ρ <= STEP_RATE
+        learn_prior: bool = False,  # learn pseudo-observations of c (shrinks towards train)
     ) -> None:
         super().__init__()
         self.system = resolve_system(
@@ -84,6 +86,7 @@ class LeastSquaresRoot(AbstractRoot):
             raise UserError(f"prior 'lsq': substeps must be 'auto' or >= 1; got {substeps!r}")
         self.form = form
         self.names = form.names
+        self.learn_prior = bool(learn_prior)
         S, K = state_dim, form.n
         ref = reference(self.system)
         self.t_start, self.t_length = time_map(self.system)
@@ -91,7 +94,6 @@ class LeastSquaresRoot(AbstractRoot):
         self.nu = 1.0 / (self.h_sys * ref.rate)  # 1 / (reference change of a state per step)
         self.register_buffer("scale", ref.scale.clone(), False)  # (S,) float64
         self.register_buffer("lams", torch.tensor([0.0, *lams], dtype=torch.float64), False)
-        self.rho = form.spectral_radius()
         self.substeps = substeps
         self._layout(S, K, len(lams) + 1)
 
@@ -114,8 +116,8 @@ class LeastSquaresRoot(AbstractRoot):
             for name, size in (("E_x", S), ("E_P", S * K), ("E_q", S)):
                 slots[f"{name}{b}"] = slice(k, k + size)
                 k += size
-        slots["logits"] = slice(k, k + n_bank)
-        self.slots, self.n_weights, self.n_bank = slots, k + n_bank, n_bank
+        slots["logits"] = slice(k, k + n_bank * S)  # (n_bank, S): a mixture per state
+        self.slots, self.n_weights, self.n_bank = slots, k + n_bank * S, n_bank
         self.tri = torch.triu_indices(K, K)  # (2, tri) row, col of vech entries
 
     def recurrence(self) -> tuple[Tensor, Tensor]:
@@ -134,14 +136,22 @@ class LeastSquaresRoot(AbstractRoot):
                 decay[s[f"{name}{b}"]] = self.lams[b]
         return decay, drive  # the logits: A = 1, B = 0 (constants from θ_0)
 
+    def check_steps(self, n_steps: int) -> None:
+        check_grid(self.system, "lsq", n_steps)
+
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
         theta = torch.zeros(self.n_weights)
         rows, cols = self.tri
         theta[self.slots["M"]] = PRIOR_WEIGHT * (rows == cols).float()
-        logits = torch.zeros(self.n_bank)
-        logits[0] = FIRST_LOGIT
-        theta[self.slots["logits"]] = logits
-        return theta
+        return theta  # mixture logits 0: every filter weighs the same
+
+    def learnable_init(self) -> Tensor:
+        """Training moves the mixture logits (and with `learn_prior` the pseudo-observations
+        of the coefficients in M and v); the accumulated sums start at zero."""
+        mask = torch.zeros(self.n_weights, dtype=torch.bool)
+        for name in ("M", "v", "logits") if self.learn_prior else ("logits",):
+            mask[self.slots[name]] = True
+        return mask
 
     # -- the recurrence's input --------------------------------------------------------------
     def inputs(self, tau: Tensor, x: Tensor) -> Tensor:
@@ -205,7 +215,7 @@ class LeastSquaresRoot(AbstractRoot):
         n = th[:, self.slots["n"]]  # (B, 1)
         C = th[:, self.slots["C_P"]].view(B, S, K) @ z.unsqueeze(-1)  # (B, S, 1)
         C = C.squeeze(-1) + th[:, self.slots["C_q"]]  # (B, S): ∫ f from x_0, normalised
-        weights = torch.softmax(th[:, self.slots["logits"]], -1)  # (B, n_bank)
+        weights = torch.softmax(th[:, self.slots["logits"]].view(B, self.n_bank, S), 1)
         out = 0.0
         for b in range(self.n_bank):
             lam = float(self.lams[b])
@@ -218,7 +228,7 @@ class LeastSquaresRoot(AbstractRoot):
                 lam_n = lam**n  # (B, 1)
                 Z = ((1 - lam_n) / (1 - lam)).clamp_min(1e-12)
                 est = (Ex + (lam * E - lam_n * C) / ((1 - lam) * self.nu)) / Z
-            out = out + weights[:, b : b + 1] * est
+            out = out + weights[:, b] * est
         return out * self.scale.to(th)
 
     def forward(
@@ -231,11 +241,13 @@ class LeastSquaresRoot(AbstractRoot):
         first = (n >= 1) & ((t0 - (self.t_start + n * self.h_sys)).abs() < 0.5 * dt)
         # the step right after the last fed value starts from the filtered state
         start = torch.where(first[:, None], self.smoothed_state(theta, z), y_prev.double())
+        start = self.system.project(start)  # a noisy start may lie outside the state domain
         n_sub = self.substeps
-        if n_sub == "auto":
-            n_sub = max(1, int(-(-abs(dt) * self.rho // STEP_RATE)))
+        if n_sub == "auto":  # h·‖∂f/∂y‖∞ <= STEP_RATE at the start states
+            jac = lambda t, y: self.form.jacobian(t, y, c)  # noqa: E731
+            n_sub = substeps_for(jac, t0, start, dt, STEP_RATE)
         mean = rk4(lambda t, y: self.form.field(t, y, c), start, dt, n_sub, t0=t0)
-        return mean.to(y_prev.dtype), None
+        return self.system.project(mean).to(y_prev.dtype), None
 
     def physical_params(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> dict[str, Tensor]:
         c = self.coefficients(theta)

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from warp_phys.errors import UserError
 from warp_phys.integrate import INTEGRATORS
-from warp_phys.physics import reference, resolve_system, spectral_radius, time_map
+from warp_phys.physics import check_grid, reference, resolve_system, spectral_radius, time_map
 from warp_phys.root import AbstractRoot, FlatMLP, register_prior
 from warp_phys.system import System
 
@@ -339,6 +339,9 @@ class ODERoot(AbstractRoot):
     def learned(self) -> tuple[str, ...]:
         """Names of the parameters read from θ (the others are held or dropped)."""
         return self.params.learn
+
+    def check_steps(self, n_steps: int) -> None:
+        check_grid(self.system, "ode", n_steps)
 
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
         return self.params.init(generator)

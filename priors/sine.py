@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from warp_phys.errors import UserError
+from warp_phys.physics import check_grid
 from warp_phys.root import AbstractRoot, FlatMLP, register_prior
 from warp_phys.system import System
 
@@ -44,10 +45,15 @@ class SineRoot(AbstractRoot):
             raise UserError(
                 f"prior 'sine': width must be >= 1 and depth >= 0; got {width}, {depth}"
             )
+        self.system = system
         t_span = system.t_span if system is not None else (0.0, 1.0)
         self.t_start, self.t_length = float(t_span[0]), float(t_span[1] - t_span[0])
         self.mlp = FlatMLP([1, *[width] * depth, 1])
         self.n_weights = self.mlp.n_weights
+
+    def check_steps(self, n_steps: int) -> None:
+        if self.system is not None:  # τ maps onto the system's time span
+            check_grid(self.system, "sine", n_steps)
 
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
         theta = self.mlp.init(generator)

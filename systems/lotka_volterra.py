@@ -23,3 +23,4 @@ class LotkaVolterra(SymbolicSystem):
     t_span = (0.0, 1.0)
     n_steps = 256
     citation = "Nzoyem et al. 2025 (Lotka-Volterra ranges)"
+    state_bounds = {"x": (0.0, float("inf")), "y": (0.0, float("inf"))}  # populations

@@ -342,3 +342,81 @@ def test_to_xarray_and_store_info(msd_store, counts):
         assert got == {
             s: [float(y[..., i].min()), float(y[..., i].max())] for i, s in enumerate("xv")
         }
+
+
+# -- observation noise --------------------------------------------------------------------------
+def _noisy(path, counts, chunk, **kw):
+    generate_store(
+        get_system("msd"), path, counts=counts, seed=SEED, chunk=chunk, noise=0.05, progress=False,
+        **kw,
+    )  # fmt: skip
+    return {s: open_split(path, s) for s in ("train", "test_ood")}
+
+
+def test_noise_is_gaussian_at_the_asked_fraction_of_the_train_std(msd_store, tmp_path, counts):
+    ds = _noisy(tmp_path / "n.zarr", counts, CHUNK)
+    clean = open_split(msd_store, "train")["y"].values
+    assert np.array_equal(ds["train"]["y"].values, clean)  # the clean data is untouched
+    std = clean.reshape(-1, clean.shape[-1]).std(0)  # (S,)
+    sigma = np.array(list(ds["train"].attrs["noise_std"].values()))
+    assert np.allclose(sigma, 0.05 * std, rtol=1e-12)
+    eps = (ds["train"]["obs"].values - clean) / sigma  # standard normal draws
+    n = eps.size  # 10 x 256 x 2: the sample std is within 4/sqrt(2n) of 1
+    assert abs(eps.std() - 1) < 4 / np.sqrt(2 * n) and abs(eps.mean()) < 4 / np.sqrt(n)
+    assert ds["test_ood"].attrs["noise"] == 0.05
+
+
+@pytest.mark.parametrize("chunk", [2, 64])
+def test_same_seed_same_noise_bytes_whatever_the_chunk(tmp_path, counts, chunk):
+    a = _noisy(tmp_path / "a.zarr", counts, CHUNK)
+    b = _noisy(tmp_path / "b.zarr", counts, chunk)
+    for split in a:
+        assert a[split]["obs"].values.tobytes() == b[split]["obs"].values.tobytes()
+
+
+def test_an_interrupted_noisy_store_resumes_to_the_same_bytes(tmp_path, counts, monkeypatch):
+    want = _noisy(tmp_path / "want.zarr", counts, CHUNK)
+    calls = {"n": 0}
+    real = store._write_noise
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_write_noise", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _noisy(tmp_path / "got.zarr", counts, CHUNK)
+    assert not is_complete(tmp_path / "got.zarr")
+    monkeypatch.setattr(store, "_write_noise", real)
+    got = _noisy(tmp_path / "got.zarr", counts, CHUNK)
+    for split in want:
+        assert want[split]["obs"].values.tobytes() == got[split]["obs"].values.tobytes()
+
+
+@pytest.mark.parametrize("noise", [-0.1, float("nan"), 1.0, 2.5, True])
+def test_bad_noise_is_refused_before_writing(tmp_path, counts, noise):
+    with pytest.raises(UserError, match=r"must lie in \[0, 1\)"):
+        generate_store(get_system("msd"), tmp_path / "x.zarr", counts=counts, noise=noise)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_asking_noise_of_a_clean_store_names_the_fix(msd_store):
+    from warp_phys.data import check_store_noise
+
+    with pytest.raises(UserError, match="generated without observation noise.*--noise 0.05"):
+        check_store_noise(msd_store, 0.05)
+    check_store_noise(msd_store, 0.0)  # asking for nothing is fine
+
+
+def test_a_noisy_store_feeds_models_observations_and_keeps_the_truth(tmp_path, counts):
+    from warp_phys.data import load_dataset
+
+    _noisy(tmp_path / "n.zarr", counts, CHUNK)
+    data = load_dataset(tmp_path / "n.zarr")
+    split = data.splits["test"]
+    assert data.noise == 0.05 and not torch.equal(split.y, split.truth)
+    assert torch.equal(
+        split.truth, torch.from_numpy(open_split(tmp_path / "n.zarr", "test")["y"].values).float()
+    )

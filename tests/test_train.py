@@ -196,14 +196,18 @@ def test_checkpoint_of_another_model_is_refused(sine_store, tmp_path):
         )
 
 
-def test_a_run_whose_forecasts_diverge_still_keeps_a_checkpoint(sine_store, tmp_path, monkeypatch):
+def test_a_run_that_never_validates_finite_is_reported_failed_not_evaluated(
+    sine_store, tmp_path, monkeypatch
+):
     from warp_phys import train as train_mod
 
     monkeypatch.setattr(train_mod, "val_score", lambda *a, **k: float("inf"))
     cfg, data = tiny(sine_store, tmp_path)
-    train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
-    assert (tmp_path / "r" / "best.pt").is_file()
-    assert torch.load(tmp_path / "r" / "best.pt", weights_only=False)["step"] == 2
+    got = train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    assert (tmp_path / "r" / "best.pt").is_file()  # a checkpoint is kept all the same
+    assert "never produced a finite validation score" in got["failed"]
+    assert "metrics" not in got and got["predictions"] == {}
+    assert "failed" in json.loads((tmp_path / "r" / "metrics.json").read_text())
 
 
 def test_val_score_of_a_diverged_forecast_is_inf_not_nan(sine_store, tmp_path):

@@ -70,8 +70,12 @@ class _RecurrentForecaster(nn.Module):
         context: int,
         teacher_prob: float = 0.0,
         generator: torch.Generator | None = None,
+        horizon: int | None = None,
     ) -> Forecast:
-        """Predict ys[:, 1:] from ys ``(B, T, S)``; see the module docstring for feeding."""
+        """Predict ys[:, 1:] from ys ``(B, T, S)``; see the module docstring for feeding.
+
+        With `horizon`, stop `horizon` steps after the context (predictions of
+        ys[:, 1 : context + horizon])."""
         if ys.dim() != 3 or ys.shape[-1] != self.state_dim or ys.shape[1] < 2:
             raise UserError(
                 f"{type(self).__name__} expects ys (batch, time >= 2, {self.state_dim}); "
@@ -84,6 +88,8 @@ class _RecurrentForecaster(nn.Module):
         B, T, S = ys.shape
         tau = torch.arange(T, device=ys.device, dtype=ys.dtype) / (T - 1)  # τ_t, (T,)
         L = min(context, T - 1)
+        if horizon:
+            T = min(T, L + horizon)
         out, state = self.rnn(self._inputs(ys[:, :L], tau[:L]))  # (B, L, H)
         means = [self._predict(out, ys[:, :L])]  # (B, L, S)
         m = means[0][:, -1]

@@ -63,6 +63,9 @@ class ModelConfig:
     scan_method: str = "auto"  # auto | sequential | chunked | doubling | loop
     hidden: int = 128  # GRU/LSTM hidden size
     normalize: bool = True  # feed the network standardised states (never for physics priors)
+    # this model's training recipe: overrides of [train] (e.g. { lr = 0.03 }); a compare
+    # still gives every model the same max_seconds unless this changes it
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class TrainConfig:
     teacher_prob_end: float = 0.1
     grad_clip: float = 1.0  # global gradient-norm clip (adam); elementwise 1e-7 for paper
     loss: str = "mse"  # mse | nll (needs a root predicting std)
+    # autoregressive phase: the loss covers the context and this many forecast steps (0: all);
+    # a short horizon keeps chaotic divergence out of the gradient
+    loss_horizon: int = 0
     penalty_weight: float = 1e-2  # weight of a prior's penalty (hybrid residual size)
     eval_every: int = 100  # steps between validation forecasts (model selection on val)
     n_val_eval: int = 256  # validation trajectories used for selection
@@ -102,6 +108,12 @@ class RunConfig:
             ModelConfig, {**dataclasses.asdict(self.model), **self.models[label]}, "model"
         )
 
+    def train_for(self, model: ModelConfig) -> TrainConfig:
+        """Return [train] with the model's own recipe (`model.train`) applied."""
+        if not model.train:
+            return self.train
+        return _build(TrainConfig, {**dataclasses.asdict(self.train), **model.train}, "model.train")
+
 
 def _build(cls, values: dict[str, Any], where: str):
     valid = {f.name: f for f in fields(cls)}
@@ -124,8 +136,17 @@ def _build(cls, values: dict[str, Any], where: str):
                 raise UserError(f"config [{sub[target]}] must be a table; got {v!r}")
             kwargs[k] = _build(target, v, sub[target])
         elif k == "models":
+            if not isinstance(v, dict):
+                raise UserError(f"config [models] must be a table of model tables; got {v!r}")
             for label, over in v.items():
+                if not isinstance(over, dict):
+                    raise UserError(f"config [models.{label}] must be a table; got {over!r}")
                 _build(ModelConfig, over, f"models.{label}")
+            kwargs[k] = v
+        elif k == "train" and cls is ModelConfig:
+            if not isinstance(v, dict):
+                raise UserError(f"config {where}.train must be a table of [train] keys; got {v!r}")
+            _build(TrainConfig, v, f"{where}.train")
             kwargs[k] = v
         else:
             kwargs[k] = _coerce(v, valid[k], f"{where}.{k}")

@@ -110,9 +110,11 @@ def valid_prediction_time(pred: Tensor, truth: Tensor, dt: float, lyapunov_time:
     denom = p.abs() + y.abs()
     ratio = torch.where(denom > 0, (p - y).abs() / denom, torch.zeros_like(denom))
     smape = 200.0 * ratio.mean(-1)  # (N, H)
-    bad = ~(smape <= VPT_THRESHOLD)  # NaN counts as bad
+    bad = ~(smape <= VPT_THRESHOLD) | ~torch.isfinite(p).all(-1)  # a blow-up fails at once
     H = smape.shape[1]
-    first = torch.where(bad.any(1), bad.float().argmax(1), torch.full_like(bad[:, 0], H, dtype=torch.long))
+    first = torch.where(
+        bad.any(1), bad.float().argmax(1), torch.full_like(bad[:, 0], H, dtype=torch.long)
+    )
     return first.double() * dt / lyapunov_time
 
 
@@ -127,12 +129,14 @@ def references_for(data: Dataset, split: str, context: int) -> dict:
     preds = reference_forecasts(obs, context, train_mean)
     extra: dict = {}
     try:
-        fit = ode_fit(data.system, torch.as_tensor(data.times), obs, context)
+        fit = ode_fit(data.system, torch.tensor(data.times), obs, context)
         preds["ode_fit"] = fit.forecast
         extra["ode_fit"] = {
             "seconds_per_trajectory": fit.seconds_per_trajectory,
             "method": fit.method,
-            "recovery": parameter_errors(data, split, {k: v.numpy() for k, v in fit.estimates.items()}),
+            "recovery": parameter_errors(
+                data, split, {k: v.numpy() for k, v in fit.estimates.items()}
+            ),
         }
     except UserError as err:
         extra["ode_fit"] = {"not_applicable": str(err)}
@@ -208,7 +212,9 @@ def evaluate_split(
             result["model"][f"ratio_to_{k}"] = result["model"]["mse"] / r if r > 0 else float("inf")
     name, mse = best_reference(result["references"])
     result["model"]["best_reference"] = name
-    result["model"]["ratio_to_best_reference"] = result["model"]["mse"] / mse if name else float("nan")
+    result["model"]["ratio_to_best_reference"] = (
+        result["model"]["mse"] / mse if name else float("nan")
+    )
     if split == "test_ood":
         inside = in_train_range(data, data.splits[split].params)
         for entry in (result["model"], *result["references"].values()):

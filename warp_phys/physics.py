@@ -41,6 +41,17 @@ def resolve_system(
     return system
 
 
+def check_grid(system: System, prior: str, n_steps: int) -> None:
+    """Raise unless a sequence of `n_steps` states is the system's whole saved grid: physics
+    priors map the normalised time τ in [0, 1] of a sequence onto the system's time span."""
+    if n_steps != system.n_steps:
+        raise UserError(
+            f"prior {prior!r} maps τ onto the time grid of {system.name!r} ({system.n_steps} "
+            f"steps) but got a sequence of {n_steps}: pass whole trajectories and limit what is "
+            f"fed and forecast with context= and horizon="
+        )
+
+
 def time_map(system: System) -> tuple[float, float]:
     """Return (t_start, t_length): physical time t = t_start + τ · t_length."""
     return float(system.t_span[0]), float(system.t_span[1] - system.t_span[0])

@@ -64,6 +64,14 @@ class AbstractRoot(nn.Module, ABC):
         normalised times ``tau (..., m)``, m = `input_window`. Default: x_t - x_{t-1}."""
         return x[..., -1, :] - x[..., -2, :]
 
+    def check_steps(self, n_steps: int) -> None:
+        """Raise UserError if sequences of `n_steps` states cannot be fed (default: any)."""
+
+    def learnable_init(self) -> Tensor | None:
+        """Return a bool mask ``(n_weights,)`` of the entries of θ_0 that training may change
+        (the others stay at `init_weights`), or None: every entry is learned."""
+        return None
+
     def recurrence(self) -> tuple[Tensor, Tensor] | None:
         """Return a fixed recurrence (decay ``(n_weights,)`` of a diagonal A, input map B
         ``(n_weights, n_inputs)``) that WARP must use untrained, or None: A and B are learned."""

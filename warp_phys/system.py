@@ -129,7 +129,9 @@ class System(ABC):
 
     Class attributes to declare: `state`, `params`, `y0`, `t_span`, `n_steps`; optional
     `units`, `y0_test`, `equations` (human-readable lines), `citation`, `identifiable`,
-    `lyapunov_time` (chaotic systems: forecasts are then also judged by valid prediction time).
+    `lyapunov_time` (chaotic systems: forecasts are then also judged by valid prediction time),
+    `state_bounds` (the domain of the states, e.g. populations >= 0: physics forecasts start
+    from and stay in it, so a noisy observation below zero cannot send them off to infinity).
     """
 
     name: str = ""  # set by @register_system
@@ -148,6 +150,8 @@ class System(ABC):
     # 1 / (largest Lyapunov exponent) at the default parameters, in the units of t; None when
     # the system is not chaotic
     lyapunov_time: float | None = None
+    # state name -> (low, high) of its domain; states not named are unbounded
+    state_bounds: Mapping[str, tuple[float, float]] = {}
 
     def __init__(
         self,
@@ -213,6 +217,15 @@ class System(ABC):
     def f(self, t: Tensor, y: Tensor, params: Tensor) -> Tensor:
         """Evaluate the vector field with a raw ``(..., n_params)`` parameter tensor."""
         return self.vector_field(t, y, self.view(params))
+
+    def project(self, y: Tensor) -> Tensor:
+        """Clip states ``y (..., state)`` into `state_bounds` (a no-op when none are declared)."""
+        if not self.state_bounds:
+            return y
+        inf = float("inf")
+        lo = [self.state_bounds.get(n, (-inf, inf))[0] for n in self.state]
+        hi = [self.state_bounds.get(n, (-inf, inf))[1] for n in self.state]
+        return torch.clamp(y, y.new_tensor(lo), y.new_tensor(hi))
 
     def ranges(self, split: str) -> dict[str, tuple[float, float]]:
         return {n: p.range(split) for n, p in self.params.items()}

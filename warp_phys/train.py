@@ -68,10 +68,14 @@ def step_loss(
     generator: torch.Generator,
     loss: str,
     penalty_weight: float,
+    horizon: int = 0,
 ) -> Tensor:
-    """Return the training loss of one batch ``ys (B, T, S)`` in units of the data's std."""
-    out = model(ys, context=context, teacher_prob=teacher_prob, generator=generator)
-    target = ys[:, 1:]  # (B, T-1, S): step t predicts y_{t+1}
+    """Return the training loss of one batch ``ys (B, T, S)`` in units of the data's std.
+
+    With `horizon` > 0 only the steps up to `horizon` after the context count."""
+    kwargs = {"horizon": horizon} if horizon else {}
+    out = model(ys, context=context, teacher_prob=teacher_prob, generator=generator, **kwargs)
+    target = ys[:, 1 : out.mean.shape[1] + 1]  # (B, T-1, S): step t predicts y_{t+1}
     z = (out.mean - target) / scale
     if loss == "nll":
         if out.std is None:
@@ -155,7 +159,8 @@ def train(
     progress: bool = True,
 ) -> dict:
     """Train one model on `data`; write checkpoints, history and summary to `run_dir`."""
-    tcfg, mcfg = cfg.train, model_cfg or cfg.model
+    mcfg = model_cfg or cfg.model
+    tcfg = cfg.train_for(mcfg)
     device = resolve_device(tcfg)
     check_context(cfg.data.context, data.n_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +185,10 @@ def train(
     bar = tqdm(
         total=tcfg.steps, initial=state.step, disable=not progress, desc=run_dir.name, leave=False
     )
+    if state.step == 0 and not state.history:  # the initial model is a candidate too
+        val0 = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
+        state.history.append({"step": 0, "phase": "init", "time": 0.0, "val": val0})
+        _keep_if_best(run_dir, model, state, val0)
     start = time.perf_counter() - state.elapsed
     stopped, in_a_row = "", 0
     while state.step < tcfg.steps:
@@ -200,6 +209,7 @@ def train(
             generator=gen,
             loss=tcfg.loss,
             penalty_weight=tcfg.penalty_weight,
+            horizon=0 if teacher else tcfg.loss_horizon,
         )
         # a loss or gradient that is not finite (a rollout that blew up): skip the batch
         if not (torch.isfinite(loss) and opt.step(loss, frac)):
@@ -306,8 +316,11 @@ def _plot_loss(run_dir: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [h["step"] for h in history]
-    ax.semilogy(steps, [h["loss"] for h in history], lw=0.6, alpha=0.7, label="train loss")
+    trained = [h for h in history if "loss" in h]
+    ax.semilogy(
+        [h["step"] for h in trained], [h["loss"] for h in trained], lw=0.6, alpha=0.7,
+        label="train loss",
+    )  # fmt: skip
     vals = [(h["step"], h["val"]) for h in history if "val" in h]
     if vals:
         ax.semilogy(*zip(*vals, strict=True), "o-", ms=3, label="val forecast MSE (std. units)")

@@ -243,6 +243,12 @@ class WARP(nn.Module):
             self.input_map = nn.Parameter(torch.zeros(D, n_in))  # B, zero-init
         self.time_map = nn.Parameter(torch.zeros(D)) if time_channel else None
         init = root.init_weights()
+        mask = root.learnable_init()
+        if mask is not None:  # entries of θ_0 that stay at their initial value
+            self.register_buffer("init_mask", mask.bool().clone())
+            self.register_buffer("init_fixed", init.clone())
+        else:
+            self.init_mask = None
         if init_state == "hypernet":
             self.phi = hypernet(state_dim, init)
         else:
@@ -255,6 +261,8 @@ class WARP(nn.Module):
             theta0 = self.phi(y0)  # (B, D)
         else:
             theta0 = self.theta0.expand(y0.shape[0], -1)  # (B, D)
+        if self.init_mask is not None:
+            theta0 = torch.where(self.init_mask, theta0, self.init_fixed)
         return F.pad(theta0, (0, self.padded_dim - self.n_weights))
 
     def _inputs(self, ys: Tensor, lo: int, hi: int, dtau: float) -> Tensor:
@@ -315,12 +323,22 @@ class WARP(nn.Module):
 
     # -- the recurrence -------------------------------------------------------------------
     def _run(
-        self, ys: Tensor, context: int, teacher_prob: float, generator, *, keep: bool = False
+        self,
+        ys: Tensor,
+        context: int,
+        teacher_prob: float,
+        generator,
+        *,
+        keep: bool = False,
+        horizon: int | None = None,
     ) -> _Trajectory:
         self._check(ys, context, teacher_prob)
         B, T, S = ys.shape
         dtau = 1.0 / (T - 1)
         tau = torch.arange(1, T, device=ys.device, dtype=ys.dtype) * dtau  # τ_{t+1}, (T-1,)
+        if horizon:  # stop early; τ keeps the full sequence's normalisation
+            T = min(T, min(context, T - 1) + horizon)
+            ys, tau = ys[:, :T], tau[: T - 1]
         op: LinearOp = self.transition.operator(self.padded_dim)
         theta0 = self.initial_state(ys[:, 0])  # (B, Dp)
         L = min(context, T - 1)  # steps t < L are fed with ground truth
@@ -459,6 +477,7 @@ class WARP(nn.Module):
             )
         if not 0.0 <= teacher_prob <= 1.0:
             raise UserError(f"teacher_prob must lie in [0, 1]; got {teacher_prob}")
+        self.root.check_steps(ys.shape[1])
 
     # -- public API -----------------------------------------------------------------------
     def forward(
@@ -468,14 +487,16 @@ class WARP(nn.Module):
         context: int,
         teacher_prob: float = 0.0,
         generator: torch.Generator | None = None,
+        horizon: int | None = None,
     ) -> Forecast:
         """Predict ys[:, 1:] from ys ``(B, T, S)``: index t of the result predicts ys[:, t+1].
 
         Steps t < context are fed the truth; later steps the model's own previous mean, or
         (per sample, with probability `teacher_prob`) the truth. context >= T - 1 is fully
-        teacher-forced and runs as one parallel scan.
+        teacher-forced and runs as one parallel scan. With `horizon`, stop `horizon` steps
+        after the context (predictions of ys[:, 1 : context + horizon]).
         """
-        traj = self._run(ys, context, teacher_prob, generator)
+        traj = self._run(ys, context, teacher_prob, generator, horizon=horizon)
         return Forecast(traj.mean, traj.std)
 
     def theta_trajectory(
