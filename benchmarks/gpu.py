@@ -361,7 +361,10 @@ def paper_model(sizes: dict, dev: torch.device, a_scale: float, b_scale: float) 
     """The paper's MSD WARP (dense A, hypernet φ, root 1-48x3-2), trained-looking: A = I + Ã
     with Ã ~ N(0, a_scale²), B ~ N(0, b_scale²), φ's last layer perturbed."""
     torch.manual_seed(0)
-    root = BlackBoxRoot(state_dim=2, width=sizes["width"], depth=sizes["depth"], clip=38.0)
+    root = BlackBoxRoot(
+        state_dim=2, width=sizes["width"], depth=sizes["depth"], inputs="tau", residual=False,
+        clip=38.0,
+    )  # fmt: skip
     model = WARP(
         root=root,
         state_dim=2,

@@ -12,7 +12,17 @@ from warp_phys.root import build_root
 
 
 def test_paper_msd_root_has_4898_weights():
-    assert BlackBoxRoot(state_dim=2).n_weights == 4898  # 1 -> 48 -> 48 -> 48 -> 2
+    paper = BlackBoxRoot(state_dim=2, width=48, depth=3, inputs="tau", residual=False)
+    assert paper.n_weights == 4898  # 1 -> 48 -> 48 -> 48 -> 2
+
+
+def test_cpu_default_root_is_small_and_starts_as_persistence():
+    root = BlackBoxRoot(state_dim=2)  # 3 -> 16 -> 16 -> 2 on [τ, y_prev], residual
+    assert root.n_weights == 3 * 16 + 16 + 16 * 16 + 16 + 16 * 2 + 2 == 370
+    y = torch.randn(5, 2)
+    theta = root.init_weights().expand(5, -1)
+    mean, _ = root(theta, torch.rand(5), y, 0.1)
+    assert torch.equal(mean, y)  # last layer zero: the persistence forecast
 
 
 def test_registered_as_blackbox():
@@ -38,7 +48,7 @@ def test_output_shapes_and_positive_std(inputs, predict_std):
 
 def test_flat_layout_matches_torch_linear():
     torch.manual_seed(0)
-    root = BlackBoxRoot(state_dim=2, width=6, depth=2, inputs="tau_y")
+    root = BlackBoxRoot(state_dim=2, width=6, depth=2, inputs="tau_y", residual=False)
     net = nn.Sequential(nn.Linear(3, 6), nn.SiLU(), nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 2))
     theta = torch.cat([p.detach().flatten() for p in net.parameters()])  # weight, bias per layer
     tau, y = torch.rand(4), torch.randn(4, 2)
@@ -48,7 +58,7 @@ def test_flat_layout_matches_torch_linear():
 
 
 def test_clip_bounds_the_mean():
-    root = BlackBoxRoot(state_dim=1, width=4, depth=1, clip=0.5)
+    root = BlackBoxRoot(state_dim=1, width=4, depth=1, clip=0.5, residual=False)
     theta = 100 * torch.randn(64, root.n_weights)
     mean, _ = root(theta, torch.rand(64), torch.zeros(64, 1), 0.1)
     assert mean.abs().max() <= 0.5 and (mean.abs() == 0.5).any()

@@ -7,6 +7,7 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import re
 import sys
@@ -344,8 +345,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_allocator() -> None:
+    """Keep freed large blocks on the heap (glibc) for this process.
+
+    A training step allocates and frees the same (batch, time, Dθ)-sized buffers every step;
+    served by glibc from fresh mmap regions each time, every page faults on first touch (on
+    this project's CPUs that was half of vanilla WARP's training step:
+    benchmarks/results/train_step_cpu.md). It changes the whole process, so the program's
+    entry point calls it, never the library; a notebook may call it too.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest on 64-bit
+    libc.mallopt(m_trim_threshold, 2**30)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return the exit code (argparse's own exits, e.g. --help, included)."""
+    tune_allocator()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

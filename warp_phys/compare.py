@@ -32,13 +32,15 @@ log = logging.getLogger(__name__)
 # a CPU. WARP-Phys is the in-context least-squares prior when the system is linear in its
 # unknowns (every built-in one is), else the ODE prior with parameters read from θ.
 DEFAULT_MODELS = {
-    "warp": {"kind": "warp", "prior": "blackbox", "prior_options": {"width": 32, "depth": 2}},
+    "warp": {"kind": "warp", "prior": "blackbox"},  # the prior's CPU-sized defaults
     "warp_phys": {
         "kind": "warp",
         "prior": "lsq",
         "transition": "prior",
         "init_state": "learned",
         "hold_after_context": True,
+        # only the start-state mixture is learned: one-step (teacher-forced) loss, fast lr
+        "train": {"lr": 0.05, "teacher_forced_fraction": 1.0},
     },
     "gru": {"kind": "gru"},
     "lstm": {"kind": "lstm"},

@@ -66,6 +66,7 @@ def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
             time_channel=cfg.time_channel,
             precision=cfg.precision,
             checkpoint_every=cfg.checkpoint_every,
+            prefix_chunk=cfg.prefix_chunk,
             compile=cfg.compile,
             scan_method=cfg.scan_method,
         )

@@ -109,16 +109,17 @@ class FlatMLP:
         return torch.cat(parts)
 
     def layers(self, theta: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Split ``theta (B, n_weights)`` into [(W (B, out, in), b (B, out)), ...]."""
+        """Split ``theta (B, n_weights)`` into [(W (B, out, in), b (B, out)), ...].
+
+        One `split` (not one slice per piece): its backward assembles the gradient of θ in
+        one allocation, where slices would each zero-fill a whole (B, n_weights) tensor."""
         B = theta.shape[0]
-        out, k = [], 0
-        for o, i in self.shapes:
-            w = theta[:, k : k + o * i].view(B, o, i)  # (B, out, in)
-            k += o * i
-            b = theta[:, k : k + o]  # (B, out)
-            k += o
-            out.append((w, b))
-        return out
+        sizes = [n for o, i in self.shapes for n in (o * i, o)]
+        parts = torch.split(theta, sizes, dim=1)
+        return [
+            (parts[2 * n].view(B, o, i), parts[2 * n + 1])  # (B, out, in), (B, out)
+            for n, (o, i) in enumerate(self.shapes)
+        ]
 
     def __call__(self, theta: Tensor, x: Tensor, activation=torch.nn.functional.silu) -> Tensor:
         """Evaluate the MLP with per-sample weights: x ``(B, in)`` -> ``(B, out)``."""
