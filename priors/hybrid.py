@@ -121,8 +121,7 @@ class HybridRoot(AbstractRoot):
                 f"field of {self.system.name!r} is zero everywhere: drop fewer parameters"
             )
 
-    @property
-    def learned(self) -> tuple[str, ...]:
+    def learned_names(self) -> tuple[str, ...]:
         """Names of the parameters read from θ (the others are held or dropped)."""
         return self.params.learn
 

@@ -253,7 +253,6 @@ class LeastSquaresRoot(AbstractRoot):
         c = self.coefficients(theta)
         return dict(zip(self.names, c.to(theta.dtype).unbind(-1), strict=True))
 
-    @property
-    def learned(self) -> tuple[str, ...]:
+    def learned_names(self) -> tuple[str, ...]:
         """The fitted coefficients: unknown parameters or identifiable combinations."""
         return self.names

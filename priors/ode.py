@@ -335,8 +335,7 @@ class ODERoot(AbstractRoot):
         self.t_start, self.t_length = time_map(self.system)
         self.n_weights = self.params.n_weights
 
-    @property
-    def learned(self) -> tuple[str, ...]:
+    def learned_names(self) -> tuple[str, ...]:
         """Names of the parameters read from θ (the others are held or dropped)."""
         return self.params.learn
 

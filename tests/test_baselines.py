@@ -83,3 +83,30 @@ def test_n_params_and_bad_inputs():
         model(torch.zeros(2, 5, 3), context=2)
     with pytest.raises(UserError, match="hidden and layers >= 1"):
         LSTMForecaster(state_dim=2, hidden=0)
+
+
+@pytest.mark.parametrize("kind", ["warp", "gru", "lstm"])
+def test_every_model_kind_implements_the_forecaster_interface(kind):
+    from warp_phys.config import ModelConfig
+    from warp_phys.forecaster import AbstractForecaster
+    from warp_phys.models import build_model
+
+    class _Data:  # what build_model reads of a dataset
+        state_dim, dt = 2, 0.1
+        system = None
+
+        @staticmethod
+        def offset():
+            return torch.zeros(2)
+
+        @staticmethod
+        def scale():
+            return torch.ones(2)
+
+    model = build_model(ModelConfig(kind=kind), _Data())
+    assert isinstance(model, AbstractForecaster)
+    ys = torch.randn(3, 6, 2)
+    out = model(ys, context=3, horizon=2)
+    assert out.mean.shape == (3, 4, 2)  # predictions of ys[:, 1:5]
+    assert model.physical_params(ys, 3) == {} and model.penalty(ys) is None
+    assert model.learned_names() is None and model.n_params() > 0

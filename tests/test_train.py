@@ -215,7 +215,7 @@ def test_val_score_of_a_diverged_forecast_is_inf_not_nan(sine_store, tmp_path):
 
     class Exploding(torch.nn.Module):
         def forward(self, ys, *, context, **kw):
-            from warp_phys.warp import Forecast
+            from warp_phys.forecaster import Forecast
 
             return Forecast(torch.full_like(ys[:, 1:], float("nan")), None)
 

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from warp_phys.errors import UserError
-from warp_phys.warp import Forecast, feed
+from warp_phys.forecaster import AbstractForecaster, Forecast, feed
 
 
-class _RecurrentForecaster(nn.Module):
+class _RecurrentForecaster(AbstractForecaster):
     rnn_type: type[nn.RNNBase]
 
     def __init__(
@@ -99,10 +99,6 @@ class _RecurrentForecaster(nn.Module):
             m = self._predict(out[:, 0], x)
             means.append(m.unsqueeze(1))
         return Forecast(torch.cat(means, 1), None)
-
-    def n_params(self) -> int:
-        """Return the number of trainable parameters."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
 class GRUForecaster(_RecurrentForecaster):

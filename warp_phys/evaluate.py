@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from warp_phys.data import Dataset
 from warp_phys.errors import UserError
+from warp_phys.forecaster import AbstractForecaster
 from warp_phys.identify import ode_fit
 
 VPT_THRESHOLD = 30.0  # sMAPE (percent) at which a forecast stops being valid (Gilpin 2023)
@@ -30,7 +31,7 @@ VPT_THRESHOLD = 30.0  # sMAPE (percent) at which a forecast stops being valid (G
 
 @torch.no_grad()
 def rollout(
-    model: nn.Module,
+    model: AbstractForecaster,
     ys: Tensor,
     context: int,
     *,
@@ -153,7 +154,7 @@ def references_for(data: Dataset, split: str, context: int) -> dict:
 def add_vpt(entry: dict, data: Dataset, pred: Tensor, truth: Tensor) -> None:
     """Add the valid prediction time (mean, median, per trajectory) when the system declares
     a Lyapunov time."""
-    lyap = getattr(data.system, "lyapunov_time", None)
+    lyap = data.system.lyapunov_time
     if not lyap:
         return
     vpt = valid_prediction_time(pred, truth, data.dt, lyap)
@@ -187,7 +188,7 @@ def in_train_range(data: Dataset, params: np.ndarray) -> np.ndarray:
 
 
 def evaluate_split(
-    model: nn.Module,
+    model: AbstractForecaster,
     data: Dataset,
     split: str,
     context: int,
@@ -235,7 +236,7 @@ def _subset(per: Tensor, mask: np.ndarray) -> dict:
 
 @torch.no_grad()
 def recovered_params(
-    model: nn.Module,
+    model: AbstractForecaster,
     data: Dataset,
     split: str,
     context: int,
@@ -248,21 +249,19 @@ def recovered_params(
     Returns {} for black-box models. Reports the identifiable combinations the system declares
     (e.g. k/m for the MSD), else each learned parameter, with the median relative error.
     """
-    fn = getattr(model, "physical_params", None)
-    if fn is None:
-        return {}
     model.eval()
     ys = data.splits[split].y
     chunks: dict[str, list[Tensor]] = {}
     for i in range(0, len(ys), batch):
-        got = fn(ys[i : i + batch].to(device), context)
+        got = model.physical_params(ys[i : i + batch].to(device), context)
         for k, v in got.items():
             v = v if v.dim() == 1 else v[:, context - 1]  # value at the end of the context
             chunks.setdefault(k, []).append(v.double().cpu())
     if not chunks:
         return {}
     est = {k: torch.cat(v).numpy() for k, v in chunks.items()}
-    return parameter_errors(data, split, est, _learned_names(model))
+    learned = model.learned_names()
+    return parameter_errors(data, split, est, None if learned is None else set(learned))
 
 
 def parameter_errors(
@@ -286,18 +285,10 @@ def parameter_errors(
     return out
 
 
-def _learned_names(model: nn.Module) -> set[str] | None:
-    """Names of the parameters a physics root learns (held ones are not 'recovered')."""
-    for module in model.modules():
-        if hasattr(module, "learned") and isinstance(module.learned, (list, tuple)):
-            return set(module.learned)
-    return None
-
-
 def _identifiable(data: Dataset, est: dict, truth: dict, learned: set[str] | None) -> dict:
     """Pairs (estimate, truth): the system's identifiable combinations when it declares them
     (the MSD's trajectories fix k/m and c/m, never m, k, c alone), else each learned parameter."""
-    declared = getattr(data.system, "identifiable", {})
+    declared = data.system.identifiable
     pairs = {
         n: (est[n], truth[n])
         for n in est

@@ -2,43 +2,54 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+import torch
+from torch import Tensor
 
 from warp_phys.config import ModelConfig
 from warp_phys.data import Dataset
 from warp_phys.errors import UserError
+from warp_phys.forecaster import AbstractForecaster, Forecast
 
 MODEL_KINDS = ("warp", "gru", "lstm")
 
 
-class Standardized(nn.Module):
-    """Wrap a forecaster so that it sees standardised states and answers in physical units."""
+class Standardized(AbstractForecaster):
+    """Wrap a forecaster so that it sees standardised states and answers in physical units.
 
-    def __init__(self, inner: nn.Module, offset: Tensor, scale: Tensor) -> None:
+    Physics priors never come wrapped (their equations hold in physical units); a wrapped
+    model's physical parameters would be in standardised units, so none are reported."""
+
+    def __init__(self, inner: AbstractForecaster, offset: Tensor, scale: Tensor) -> None:
         super().__init__()
         self.inner = inner
+        self.state_dim = inner.state_dim
         self.register_buffer("offset", offset.clone())  # (S,)
         self.register_buffer("scale", scale.clone())  # (S,)
 
-    def forward(self, ys: Tensor, **kwargs):
-        out = self.inner((ys - self.offset) / self.scale, **kwargs)
+    def forward(
+        self,
+        ys: Tensor,
+        *,
+        context: int,
+        teacher_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+        horizon: int | None = None,
+    ) -> Forecast:
+        out = self.inner(
+            (ys - self.offset) / self.scale, context=context, teacher_prob=teacher_prob,
+            generator=generator, horizon=horizon,
+        )  # fmt: skip
         std = None if out.std is None else out.std * self.scale
-        return type(out)(out.mean * self.scale + self.offset, std)
-
-    def physical_params(self, ys: Tensor, context: int) -> dict[str, Tensor]:
-        # standardised models are black boxes: physics priors work in physical units
-        fn = getattr(self.inner, "physical_params", None)
-        return {} if fn is None else fn((ys - self.offset) / self.scale, context)
+        return Forecast(out.mean * self.scale + self.offset, std)
 
     def penalty(self, ys: Tensor) -> Tensor | None:
-        fn = getattr(self.inner, "penalty", None)
-        return None if fn is None else fn((ys - self.offset) / self.scale)
+        return self.inner.penalty((ys - self.offset) / self.scale)
 
     def n_params(self) -> int:
         return self.inner.n_params()
 
 
-def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
+def build_model(cfg: ModelConfig, data: Dataset) -> AbstractForecaster:
     """Return the forecaster `cfg` describes, sized for `data`."""
     from warp_phys.baselines import GRUForecaster, LSTMForecaster
     from warp_phys.root import PRIORS, build_root
@@ -49,7 +60,7 @@ def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
     physical = False
     if cfg.kind == "warp":
         root_cls = PRIORS.get(cfg.prior)
-        physical = bool(getattr(root_cls, "physical_units", False))
+        physical = root_cls.physical_units
         root = build_root(
             cfg.prior, state_dim=data.state_dim, system=data.system, **cfg.prior_options
         )

@@ -1,6 +1,6 @@
 """Optimiser presets: a fast default (Adam, cosine decay, norm clip) and the paper's recipe.
 
-The paper's recipe (paper-notes.md): elementwise gradient clipping to ±1e-7, AdaBelief
+The paper's recipe (notes/paper-notes.md): elementwise gradient clipping to ±1e-7, AdaBelief
 (lr 1e-5, eps 1e-16), reduce-on-plateau on the training loss.
 """
 

@@ -59,6 +59,15 @@ class AbstractRoot(nn.Module, ABC):
         """Return named physical parameters read from θ, each ``(B,)`` (empty when black-box)."""
         return {}
 
+    def penalty(self, theta: Tensor, tau: Tensor, y_prev: Tensor) -> Tensor:
+        """Return a per-sample penalty ``(B,)`` added to the loss with `train.penalty_weight`
+        (override it to have one; the base class has none and is never called)."""
+        raise NotImplementedError(f"{type(self).__name__} has no penalty")
+
+    def learned_names(self) -> tuple[str, ...] | None:
+        """Names of the physical parameters θ estimates (the others are held); None: all."""
+        return None
+
     def inputs(self, tau: Tensor, x: Tensor) -> Tensor:
         """Return ψ ``(..., n_inputs)`` of windows of fed values ``x (..., m, S)`` at
         normalised times ``tau (..., m)``, m = `input_window`. Default: x_t - x_{t-1}."""

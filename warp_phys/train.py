@@ -86,9 +86,8 @@ def step_loss(
         value = (torch.log(sigma) + 0.5 * ((out.mean - target) / out.std) ** 2).mean()
     else:
         value = 0.5 * (z**2).mean()
-    penalty = getattr(model, "penalty", None)
-    if penalty_weight and penalty is not None:
-        extra = penalty(ys)
+    if penalty_weight:
+        extra = model.penalty(ys)
         if extra is not None:
             value = value + penalty_weight * extra.mean()
     return value

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from warp_phys.errors import UserError
-from warp_phys.rollout import DR_SEGMENT, _Rollout, _root_graph  # noqa: F401 - re-exported
+from warp_phys.forecaster import AbstractForecaster, Forecast, feed_mask, select
+from warp_phys.rollout import _Rollout, _root_graph
 from warp_phys.root import AbstractRoot
 from warp_phys.scan import METHODS, PRECISIONS, LinearOp, prepare, scan
 from warp_phys.transition import TRANSITIONS, FixedDiagonal, build_transition
@@ -47,21 +48,14 @@ from warp_phys.transition import TRANSITIONS, FixedDiagonal, build_transition
 log = logging.getLogger(__name__)
 
 INIT_STATES = ("hypernet", "learned")
-# precision="auto": IEEE float32 on a CPU; on a GPU the fastest setting that keeps float32
-# accuracy at the paper's scale (predicted from CPU emulation, to be confirmed on an H100:
-# benchmarks/results/gpu.md)
-GPU_PRECISION = "fp16"
+# precision="auto": IEEE float32 on a CPU and, until a GPU run of benchmarks/gpu.py confirms a
+# faster setting at the paper's scale (benchmarks/results/gpu.md), on a GPU too. CPU emulation
+# predicts fp16 accurate enough there; only a measurement may change this default.
+GPU_PRECISION = "fp32"
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled root
 # prefix_chunk="auto" on a CPU: teacher-forced time chunks that keep (B, chunk, Dθ) in cache
 # (benchmarks/results/train_step_cpu.md: the teacher-forced step of msd_small twice as fast)
 PREFIX_CHUNK_CPU = 16
-
-
-class Forecast(NamedTuple):
-    """Predictions of ys[:, 1:]: mean ``(B, T-1, S)``, std ``(B, T-1, S)`` or None."""
-
-    mean: Tensor
-    std: Tensor | None
 
 
 class _Trajectory(NamedTuple):
@@ -93,34 +87,6 @@ class _Steps(NamedTuple):
     masks: list  # which samples were fed the truth: (B,) bool, or True / False for all
 
 
-def feed_mask(
-    n: int, p: float, generator: torch.Generator | None, device: torch.device
-) -> Tensor | bool:
-    """Return which of n samples are fed the truth at a forecast step: a mask ``(n,)``, or
-    True / False for all of them (no random draw when p is 1 or 0)."""
-    if p <= 0:
-        return False
-    if p >= 1:
-        return True
-    dev = generator.device if generator is not None else device
-    return torch.rand(n, generator=generator, device=dev).to(device) < p  # (n,)
-
-
-def select(mask: Tensor | bool, truth: Tensor, own: Tensor) -> Tensor:
-    """Return truth where `mask` (per sample), own elsewhere, ``(B, S)``."""
-    if mask is True:
-        return truth
-    if mask is False:
-        return own
-    return torch.where(mask.unsqueeze(-1), truth, own)
-
-
-def feed(truth: Tensor, own: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
-    """Return the value fed at a forecast step ``(B, S)``: the own prediction, or per sample
-    with probability p the truth (no random draw when p is 0 or 1)."""
-    return select(feed_mask(truth.shape[0], p, generator, truth.device), truth, own)
-
-
 def hypernet(state_dim: int, init: Tensor) -> nn.Sequential:
     """Return the paper's φ: d -> h1 -> h2 -> Dθ, whose output starts at `init` for every x_0.
 
@@ -138,8 +104,8 @@ def hypernet(state_dim: int, init: Tensor) -> nn.Sequential:
     return net
 
 
-class WARP(nn.Module):
-    """Weight-space linear recurrent forecaster (the forecaster interface of CONTRACTS.md)."""
+class WARP(AbstractForecaster):
+    """Weight-space linear recurrent forecaster (`warp_phys.forecaster`)."""
 
     def __init__(
         self,
@@ -533,18 +499,20 @@ class WARP(nn.Module):
         Index t is read from θ_t (with τ_{t+1} and the fed x_t). Empty for black-box roots.
         """
         if type(self.root).physical_params is AbstractRoot.physical_params:
-            return {}
+            return {}  # a black-box root: no need to run the model
         (B, T1), args = self._per_step(ys, context)
         return {k: v.view(B, T1) for k, v in self.root.physical_params(*args).items()}
 
     def penalty(self, ys: Tensor) -> Tensor | None:
         """Return the root's penalty (e.g. a hybrid residual's size) along the teacher-forced
-        trajectory, ``(B, T-1)``, or None when the root has no `penalty`."""
-        fn = getattr(self.root, "penalty", None)
-        if fn is None:
-            return None
+        trajectory, ``(B, T-1)``, or None when the root has none."""
+        if type(self.root).penalty is AbstractRoot.penalty:
+            return None  # no penalty: no need to run the model
         (B, T1), args = self._per_step(ys, ys.shape[1])
-        return fn(*args).view(B, T1)
+        return self.root.penalty(*args).view(B, T1)
+
+    def learned_names(self) -> tuple[str, ...] | None:
+        return self.root.learned_names()
 
     def _per_step(self, ys: Tensor, context: int) -> tuple[tuple[int, int], tuple]:
         """Return (B, T-1) and the root's per-step arguments θ_t ``(N, Dθ)``, τ_{t+1} ``(N,)``,
@@ -555,6 +523,4 @@ class WARP(nn.Module):
         theta = traj.theta.reshape(B * T1, -1)[:, : self.n_weights]
         return (B, T1), (theta, tau.repeat(B), traj.fed.reshape(B * T1, S))
 
-    def n_params(self) -> int:
-        """Return the number of trainable parameters (padding not counted)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
