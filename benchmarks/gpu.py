@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -55,8 +56,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from priors.blackbox import BlackBoxRoot  # noqa: E402
+from warp_phys.runtime import GPU_PRECISION, Runtime  # noqa: E402
 from warp_phys.scan import DenseOp, choose_method, scan, scan_reference  # noqa: E402
-from warp_phys.warp import GPU_PRECISION, WARP  # noqa: E402
+from warp_phys.warp import WARP  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OFFICIAL_MS = {"ar_b1024": 454.0, "ar_b128": 136.0, "rollout_b1024": 143.0}
@@ -371,7 +373,7 @@ def paper_model(sizes: dict, dev: torch.device, a_scale: float, b_scale: float) 
         dt=1.0 / (sizes["T"] - 1),
         transition="dense",
         init_state="hypernet",
-        pad_to=sizes["pad_to"],
+        runtime=Runtime(pad_to=sizes["pad_to"]),
     )
     with torch.no_grad():
         model.transition.residual.normal_(0, a_scale)
@@ -398,7 +400,7 @@ def accuracy(model: WARP, ys: torch.Tensor, precision: str, model64: WARP) -> di
     """θ trajectories and one autoregressive training step's loss and gradient against a
     float64 copy of the same model (same teacher-forcing draws)."""
     dev = ys.device
-    model.precision = precision
+    model.runtime = dataclasses.replace(model.runtime, precision=precision)
     out = {}
     with torch.no_grad():
         th64 = model64.theta_trajectory(ys.double())
@@ -430,10 +432,8 @@ def accuracy(model: WARP, ys: torch.Tensor, precision: str, model64: WARP) -> di
 def step_case(model, ys, kind: str, precision: str, graph: bool, sizes, dev, **opts) -> dict:
     """Time one kind of step: "ar" (training, context 1, teacher forcing 0.25), "tf"
     (teacher-forced training), "rollout" (inference, context 100)."""
-    model.precision = precision
-    saved = {k: getattr(model, k) for k in opts}
-    for k, v in opts.items():
-        setattr(model, k, v)
+    saved = model.runtime
+    model.runtime = dataclasses.replace(saved, precision=precision, **opts)
     opt = None
     if kind != "rollout":
         opt = torch.optim.Adam(
@@ -454,8 +454,7 @@ def step_case(model, ys, kind: str, precision: str, graph: bool, sizes, dev, **o
         r = timed(step, dev, sizes["warmup"] + (1 if graph else 0), sizes["reps"])
     finally:
         step.close()
-        for k, v in saved.items():
-            setattr(model, k, v)
+        model.runtime = saved
     r.update(batch=ys.shape[0], T=ys.shape[1], precision=precision, graph=graph, **opts)
     return r
 
@@ -593,7 +592,7 @@ def bench_compile(sizes, dev, res: Results, args) -> None:
     """The autoregressive step with the root compiled: batch 128 eager and graphed, batch
     1024 graphed (compilation, not the runs, is what this section costs)."""
     model = paper_model(sizes, dev, args.a_scale, args.b_scale)
-    model.compile = True
+    model.runtime = dataclasses.replace(model.runtime, compile_root=True)
     ys = msd_data(sizes["B"], sizes["T"], dev)
     p = model.resolved_precision(dev)
     graph = dev.type == "cuda"
@@ -605,7 +604,7 @@ def bench_compile(sizes, dev, res: Results, args) -> None:
 
         def case(batch=batch, graphed=graphed):
             r = step_case(model, ys[:batch], "ar", p, graphed, sizes, dev)
-            r["compiled"] = model.compile  # False: compilation failed, ran eager
+            r["compiled"] = not model._compile_failed  # False: compilation failed, ran eager
             return r
 
         res.run("compile", f"{key} {p} {'graph' if graphed else 'eager'} compiled", case, dev)

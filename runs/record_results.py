@@ -46,7 +46,11 @@ def ratios(r: dict, split: str) -> list[str]:
         best = min(vals, key=vals.get)
         ode = models[PHYS]["splits"][split]["references"].get("ode_fit", {})
         ode_v = ode.get(key)
-        ode_v = _f(ode_v["mse"] if isinstance(ode_v, dict) else ode_v) if ode_v is not None else math.nan
+        ode_v = (
+            _f(ode_v["mse"] if isinstance(ode_v, dict) else ode_v)
+            if ode_v is not None
+            else math.nan
+        )
         lines.append(
             f"| {split} {name} | {_fmt(wp)} | {_fmt(vals[best])} ({best}) | "
             f"{_fmt(vals[best] / wp)}x | {_fmt(ode_v)} |"
@@ -102,8 +106,7 @@ def _row(name: str, r: dict) -> list[str]:
             f"{p} {100 * v['median_rel_error']:.2g}%" for p, v in wp["recovery"].items()
         )
         ode_rec = ", ".join(
-            f"{p} {100 * v['median_rel_error']:.2g}%"
-            for p, v in ode.get("recovery", {}).items()
+            f"{p} {100 * v['median_rel_error']:.2g}%" for p, v in ode.get("recovery", {}).items()
         )
 
         def pair(m: dict) -> str:

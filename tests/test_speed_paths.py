@@ -7,6 +7,7 @@ maths is exact); GPU-only checks are marked `gpu` and skipped without CUDA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from priors.blackbox import BlackBoxRoot
 from warp_phys.errors import UserError
+from warp_phys.runtime import Runtime
 from warp_phys.scan import DenseOp, Residual, scan, scan_reference
 from warp_phys.warp import WARP
 
@@ -24,10 +26,18 @@ F32 = 1e-6  # float32, relative: padding and fp32 paths
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+RUNTIME = {f.name for f in dataclasses.fields(Runtime)}
+
+
 def make_model(*, seed=0, dtype=torch.float64, predict_std=True, **options) -> WARP:
+    """A WARP model; options naming `Runtime` fields go to its runtime, the rest to WARP."""
     torch.manual_seed(seed)
-    root = BlackBoxRoot(state_dim=S, width=8, depth=1, inputs="tau_y", predict_std=predict_std)
-    model = WARP(root=root, state_dim=S, dt=0.1, **options).to(dtype)
+    root = BlackBoxRoot(
+        state_dim=S, width=8, depth=1, inputs="tau_y", predict_std=predict_std, residual=False
+    )
+    runtime = Runtime(**{k: v for k, v in options.items() if k in RUNTIME})
+    options = {k: v for k, v in options.items() if k not in RUNTIME}
+    model = WARP(root=root, state_dim=S, dt=0.1, runtime=runtime, **options).to(dtype)
     with torch.no_grad():  # leave the init (A = I, B = 0) so that every path matters
         for name, p in model.named_parameters():
             scale = 0.01 if name.startswith("transition") else 0.05
@@ -214,11 +224,10 @@ def test_auto_precision_is_fp32_on_cpu_and_options_are_checked():
     model = make_model()
     assert model.resolved_precision(torch.device("cpu")) == "fp32"
     assert make_model(precision="bf16").resolved_precision(torch.device("cpu")) == "bf16"
-    root = BlackBoxRoot(state_dim=S, width=4, depth=1)
     with pytest.raises(UserError, match="unknown precision 'fp8'"):
-        WARP(root=root, state_dim=S, dt=0.1, precision="fp8")
+        Runtime(precision="fp8")
     with pytest.raises(UserError, match="checkpoint_every"):
-        WARP(root=root, state_dim=S, dt=0.1, checkpoint_every=-1)
+        Runtime(checkpoint_every=-1)
     with pytest.raises(ValueError, match="scan precision"):
         scan(DenseOp(torch.zeros(2, 2)), torch.zeros(1, 3, 2), precision="half")
 
@@ -227,7 +236,7 @@ def test_auto_precision_is_fp32_on_cpu_and_options_are_checked():
 def test_compiled_root_equals_eager():
     ys = data()
     want = run(make_model(transition="dense", anchored=True), ys, 4)
-    model = make_model(transition="dense", anchored=True, compile=True)
+    model = make_model(transition="dense", anchored=True, compile_root=True)
     got = run(model, ys, 4)
     assert model.compile  # compiled, not fallen back to eager
     assert_same(got, want, 1e-10)

@@ -10,6 +10,7 @@ import torch
 from priors.blackbox import BlackBoxRoot
 from warp_phys.errors import UserError
 from warp_phys.root import AbstractRoot
+from warp_phys.runtime import Runtime
 from warp_phys.transition import IDENTITY_NU, Dense, Rotation, build_transition
 from warp_phys.warp import WARP
 
@@ -17,10 +18,11 @@ S, T = 2, 13  # T - 1 = 12 steps: chunked and looped paths both exercised
 EXACT = 1e-10  # float64, same maths in another order
 
 
-def make_model(*, seed=0, perturb=True, **options) -> WARP:
+def make_model(*, seed=0, perturb=True, scan_method="auto", **options) -> WARP:
     torch.manual_seed(seed)
     root = BlackBoxRoot(state_dim=S, width=8, depth=1, inputs="tau_y", predict_std=True)
-    model = WARP(root=root, state_dim=S, dt=0.1, **options).double()
+    runtime = Runtime(scan_method=scan_method)
+    model = WARP(root=root, state_dim=S, dt=0.1, runtime=runtime, **options).double()
     if perturb:  # leave the init (A = I, B = 0, φ constant) so that every path matters
         with torch.no_grad():
             for p in model.parameters():
@@ -111,7 +113,7 @@ def test_padding_is_invisible(transition):
     torch.manual_seed(0)
     root = BlackBoxRoot(state_dim=S, width=8, depth=1, inputs="tau_y")
     plain = WARP(root=root, state_dim=S, dt=0.1, transition=transition)
-    padded = WARP(root=root, state_dim=S, dt=0.1, transition=transition, pad_to=16)
+    padded = WARP(root=root, state_dim=S, dt=0.1, transition=transition, runtime=Runtime(pad_to=16))
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(0.05 * torch.randn_like(p))

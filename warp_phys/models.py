@@ -53,6 +53,7 @@ def build_model(cfg: ModelConfig, data: Dataset) -> AbstractForecaster:
     """Return the forecaster `cfg` describes, sized for `data`."""
     from warp_phys.baselines import GRUForecaster, LSTMForecaster
     from warp_phys.root import PRIORS, build_root
+    from warp_phys.runtime import Runtime
     from warp_phys.warp import WARP
 
     if cfg.kind not in MODEL_KINDS:
@@ -72,14 +73,16 @@ def build_model(cfg: ModelConfig, data: Dataset) -> AbstractForecaster:
             anchored=cfg.anchored,
             init_state=cfg.init_state,
             hold_after_context=cfg.hold_after_context,
-            pad_to=cfg.pad_to,
             transition_options=cfg.transition_options,
             time_channel=cfg.time_channel,
-            precision=cfg.precision,
-            checkpoint_every=cfg.checkpoint_every,
-            prefix_chunk=cfg.prefix_chunk,
-            compile=cfg.compile,
-            scan_method=cfg.scan_method,
+            runtime=Runtime(
+                precision=cfg.precision,
+                pad_to=cfg.pad_to,
+                scan_method=cfg.scan_method,
+                checkpoint_every=cfg.checkpoint_every,
+                prefix_chunk=cfg.prefix_chunk,
+                compile_root=cfg.compile,
+            ),  # fmt: skip
         )
     elif cfg.kind == "gru":
         model = GRUForecaster(state_dim=data.state_dim, hidden=cfg.hidden)

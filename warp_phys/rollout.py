@@ -43,7 +43,7 @@ class _Rollout(torch.autograd.Function):
         anchor = lin.anchor(h)
         B, Dp = h.shape
         n = spec.ys.shape[1] - 1 - spec.L
-        K = model.checkpoint_every
+        K = model.runtime.checkpoint_every
         ckpts = [h]  # h_{L-1+i} for i = 0, K, 2K, ... (every i without checkpointing)
         xs = spec.ys.new_empty(n + 1, B, spec.ys.shape[-1])  # x_{L-1+i}, i = 0..n
         xs[0] = spec.ys[:, spec.L - 1]
@@ -88,10 +88,10 @@ class _Rollout(torch.autograd.Function):
         g_op = [torch.zeros_like(t) for t in op_tensors]
         g_params = [torch.zeros_like(p) for p in params]
         g_root = g_params[len(params) - len(root_params) :]
-        K = model.checkpoint_every or DR_SEGMENT
+        K = model.runtime.checkpoint_every or DR_SEGMENT
         for i0 in reversed(range(0, n, K)):
             i1 = min(i0 + K, n)
-            if model.checkpoint_every:
+            if model.runtime.checkpoint_every:
                 H = _recompute(ctx, ckpts[i0 // K], xs, i0, i1)
             else:
                 H = torch.stack(ckpts[i0 : i1 + 1])  # (k + 1, B, Dp): h_{i0-1}..h_{i1-1}

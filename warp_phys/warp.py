@@ -18,12 +18,12 @@ the root is evaluated on all of them at once; the remaining steps, fed with the 
 predictions (or, with probability `teacher_prob` per sample, the truth), run as a loop
 with the same transition operator. context >= T - 1 is fully teacher-forced.
 
-Speed (benchmarks/gpu.py, issue 5): the dense products run at `precision` (scan.py: the
-identity exact, float32 sums); the forecast loop has its own backward (`_Rollout`: one
-Aᵀ product per step, dL/dA batched over 32 steps, the root's gradient by local autograd);
-`checkpoint_every=K` keeps only every K-th state and recomputes the rest (time chunks of
-the teacher-forced scan go through `torch.utils.checkpoint`); `compile=True` compiles the
-root's step. Nothing in the loop reads a value back to the host, so a whole training step
+Speed (`runtime`, a `warp_phys.runtime.Runtime`): the dense products run at its `precision`
+(scan.py: the identity exact, float32 sums); the forecast loop has its own backward
+(`_Rollout`: one Aᵀ product per step, dL/dA batched over 32 steps, the root's gradient by
+local autograd); `checkpoint_every=K` keeps only every K-th state and recomputes the rest
+(time chunks of the teacher-forced scan go through `torch.utils.checkpoint`, as do the
+cache-sized chunks of `prefix_chunk`); `compile_root` compiles the root's step. Nothing in the loop reads a value back to the host, so a whole training step
 can be captured as a CUDA graph.
 """
 
@@ -42,20 +42,14 @@ from warp_phys.errors import UserError
 from warp_phys.forecaster import AbstractForecaster, Forecast, feed_mask, select
 from warp_phys.rollout import _Rollout, _root_graph
 from warp_phys.root import AbstractRoot
-from warp_phys.scan import METHODS, PRECISIONS, LinearOp, prepare, scan
+from warp_phys.runtime import Runtime
+from warp_phys.scan import LinearOp, prepare, scan
 from warp_phys.transition import TRANSITIONS, FixedDiagonal, build_transition
 
 log = logging.getLogger(__name__)
 
 INIT_STATES = ("hypernet", "learned")
-# precision="auto": IEEE float32 on a CPU and, until a GPU run of benchmarks/gpu.py confirms a
-# faster setting at the paper's scale (benchmarks/results/gpu.md), on a GPU too. CPU emulation
-# predicts fp16 accurate enough there; only a measurement may change this default.
-GPU_PRECISION = "fp32"
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled root
-# prefix_chunk="auto" on a CPU: teacher-forced time chunks that keep (B, chunk, Dθ) in cache
-# (benchmarks/results/train_step_cpu.md: the teacher-forced step of msd_small twice as fast)
-PREFIX_CHUNK_CPU = 16
 
 
 class _Trajectory(NamedTuple):
@@ -117,15 +111,9 @@ class WARP(AbstractForecaster):
         anchored: bool = False,
         init_state: str = "hypernet",
         hold_after_context: bool = False,
-        pad_to: int = 1,
         time_channel: bool = False,
         transition_options: dict | None = None,
-        scan_method: str = "auto",
-        precision: str = "auto",
-        fast_loop: bool = True,
-        checkpoint_every: int = 0,
-        compile: bool = False,
-        prefix_chunk: int | str = "auto",
+        runtime: Runtime | None = None,
     ) -> None:
         """Args:
         root: the root-network family whose flat weights are the hidden state.
@@ -136,23 +124,10 @@ class WARP(AbstractForecaster):
         anchored: recur on θ_t - θ_0 instead of θ_t.
         init_state: "hypernet" (θ_0 = φ(y_0), paper) | "learned" (one learned θ_0).
         hold_after_context: keep θ at θ_{context-1} during the forecast (physics priors).
-        pad_to: pad Dθ up to a multiple of this (fast matrix sizes on GPUs); invisible.
         time_channel: add τ to the inputs of B (the paper's optional time channel).
         transition_options: keyword options of the transition (e.g. rotation freq_range).
-        scan_method: "auto" | "sequential" | "chunked" | "doubling" (`scan.py`).
-        precision: of the products with A = I + Ã (dense): "auto" (fp32 on a CPU,
-            `GPU_PRECISION` on a GPU) | "fp32" | "tf32" | "bf16" | "fp16" (`scan.py`).
-        fast_loop: run the forecast loop with its own backward (`rollout.py`); False records
-            it step by step with autograd (the reference).
-        checkpoint_every: K > 0 keeps only every K-th hidden state of a training pass and
-            recomputes the rest in the backward (memory / K for about 1/3 more time).
-        compile: compile the root's per-step evaluation with torch.compile (eager when
-            compilation fails).
-        prefix_chunk: the teacher-forced steps of a training pass run in time chunks of this
-            many steps, each recomputed in the backward, so that a chunk's hidden states stay
-            in cache instead of a (B, T, Dθ) tensor going through memory several times; 0 =
-            one chunk; "auto" = 16 on a CPU (measured 2x faster there), 0 on a GPU.
-            `checkpoint_every` wins when set. The results are the same either way.
+        runtime: how it computes (precision, padding, scan, checkpoints, compile;
+            `warp_phys.runtime`), never what.
         """
         super().__init__()
         if not isinstance(root, AbstractRoot):
@@ -167,41 +142,18 @@ class WARP(AbstractForecaster):
             raise UserError(
                 f"unknown init_state {init_state!r}; choose one of {', '.join(INIT_STATES)}"
             )
-        if scan_method not in METHODS:
-            raise UserError(
-                f"unknown scan_method {scan_method!r}; choose one of {', '.join(METHODS)}"
-            )
-        if precision != "auto" and precision not in PRECISIONS:
-            raise UserError(
-                f"unknown precision {precision!r}; choose auto or one of {', '.join(PRECISIONS)}"
-            )
-        if not (prefix_chunk == "auto" or (isinstance(prefix_chunk, int) and prefix_chunk >= 0)):
-            raise UserError(
-                f"prefix_chunk must be 'auto' or a number of steps >= 0; got {prefix_chunk!r}"
-            )
-        if int(checkpoint_every) < 0:
-            raise UserError(
-                f"checkpoint_every must be 0 (off) or a number of steps; got {checkpoint_every}"
-            )
-        if int(pad_to) < 1 or state_dim < 1 or not dt > 0:
-            raise UserError(
-                f"WARP needs pad_to >= 1, state_dim >= 1 and dt > 0; got pad_to={pad_to}, "
-                f"state_dim={state_dim}, dt={dt}"
-            )
+        if state_dim < 1 or not dt > 0:
+            raise UserError(f"WARP needs state_dim >= 1 and dt > 0; got {state_dim}, {dt}")
+        self.runtime = runtime = runtime or Runtime()
         self.root = root
         self.state_dim = state_dim
         self.dt = float(dt)
         self.anchored = anchored
         self.hold_after_context = hold_after_context
-        self.scan_method = scan_method
-        self.precision = precision
-        self.fast_loop = bool(fast_loop)
-        self.checkpoint_every = int(checkpoint_every)
-        self.prefix_chunk = prefix_chunk
-        self.compile = bool(compile)
+        self._compile_failed = False  # set when torch.compile of the root failed: eager
         D = root.n_weights
         self.n_weights = D
-        self.padded_dim = -(-D // int(pad_to)) * int(pad_to)
+        self.padded_dim = -(-D // runtime.pad_to) * runtime.pad_to
         fixed = root.recurrence()
         if fixed is not None and transition != "prior":
             raise UserError(
@@ -283,8 +235,8 @@ class WARP(AbstractForecaster):
         return self.root(theta[:, : self.n_weights], tau, x, self.dt)
 
     def _root_step(self, theta: Tensor, tau: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """`_root`, compiled when `compile` is set (eager if compilation fails)."""
-        if self.compile:
+        """`_root`, compiled when `runtime.compile_root` is set (eager if compilation fails)."""
+        if self.runtime.compile_root and not self._compile_failed:
             fn = _COMPILED.get(self)
             if fn is None:
                 fn = _COMPILED[self] = torch.compile(self._root, dynamic=False)
@@ -292,19 +244,12 @@ class WARP(AbstractForecaster):
                 return fn(theta, tau, x)
             except Exception as err:  # noqa: BLE001 - any compiler failure: run eager
                 log.warning("torch.compile of the root failed (%s); running eager", err)
-                self.compile = False
+                self._compile_failed = True
         return self._root(theta, tau, x)
-
-    def _prefix_chunk(self, device: torch.device) -> int:
-        if self.prefix_chunk != "auto":
-            return int(self.prefix_chunk)
-        return PREFIX_CHUNK_CPU if device.type == "cpu" else 0
 
     def resolved_precision(self, device: torch.device) -> str:
         """Return the precision of the dense products on `device` ("auto" resolved)."""
-        if self.precision != "auto":
-            return self.precision
-        return "fp32" if device.type == "cpu" else GPU_PRECISION
+        return self.runtime.resolved_precision(device)
 
     # -- the recurrence -------------------------------------------------------------------
     def _run(
@@ -332,7 +277,7 @@ class WARP(AbstractForecaster):
         means, stds, thetas, fed = [mean], [std], [theta], [ys[:, :L]]
         if L < T - 1:  # forecast steps, one at a time: the input depends on the prediction
             base = theta0 if self.anchored else None
-            fast = self.fast_loop and not keep and not self.hold_after_context
+            fast = self.runtime.fast_loop and not keep and not self.hold_after_context
             fast = fast and self.root.default_drive  # its backward knows ψ = Δx only
             if fast and torch.is_grad_enabled():
                 params = [self.input_map, *([] if self.time_map is None else [self.time_map])]
@@ -360,7 +305,7 @@ class WARP(AbstractForecaster):
         """Run the teacher-forced steps t < L by the parallel scan. Return the state h_{L-1}
         (θ, or δ = θ - θ_0 when anchored) ``(B, Dp)``, θ_0..θ_{L-1} ``(B, L, Dp)`` when
         `keep`, and the root's mean and std (or None) ``(B, L, S)``."""
-        K, L = self.checkpoint_every or self._prefix_chunk(spec.ys.device), spec.L
+        K, L = self.runtime.chunk_for(spec.ys.device), spec.L
         if not K or keep or L <= K or not torch.is_grad_enabled():
             theta, h, mean, std = self._tf_chunk(op, spec, theta0, 0, L, None)
             return h, theta, mean, std
@@ -385,7 +330,7 @@ class WARP(AbstractForecaster):
         u = self._drive(self._inputs(ys, lo, t1, spec.dtau), spec.dtau)  # B ψ_t, t in [lo, t1)
         if t0 == 0:  # θ_0 enters as the first input (δ_0 = 0): no second (B, k, Dp) copy
             u = F.pad(u, (0, 0, 1, 0)) if self.anchored else torch.cat((theta0.unsqueeze(1), u), 1)
-        h = scan(op, u, h_prev, method=self.scan_method, precision=spec.precision)  # (B, k, Dp)
+        h = scan(op, u, h_prev, method=self.runtime.scan_method, precision=spec.precision)
         theta = theta0.unsqueeze(1) + h if self.anchored else h
         k = t1 - t0
         mean, std = self._root(
@@ -522,5 +467,3 @@ class WARP(AbstractForecaster):
         tau = torch.arange(1, T1 + 1, device=ys.device, dtype=ys.dtype) / T1  # (T-1,)
         theta = traj.theta.reshape(B * T1, -1)[:, : self.n_weights]
         return (B, T1), (theta, tau.repeat(B), traj.fed.reshape(B * T1, S))
-
-
