@@ -194,7 +194,9 @@ def interrupt_at_step(monkeypatch, n: int) -> None:
 
 def test_resume_needs_a_run_and_a_readable_checkpoint(sine_store, tmp_path, monkeypatch):
     cfg, data = tiny(sine_store, tmp_path)
-    with pytest.raises(UserError, match="nothing to resume in .*r .no run.json.; run without --resume"):
+    with pytest.raises(
+        UserError, match="nothing to resume in .*r .no run.json.; run without --resume"
+    ):
         train_and_evaluate(
             cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False
         )

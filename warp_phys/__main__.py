@@ -1,3 +1,7 @@
+"""`python -m warp_phys ...`: the `warp-phys` command line."""
+
+import sys
+
 from warp_phys.cli import main
 
-raise SystemExit(main())
+sys.exit(main())

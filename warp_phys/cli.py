@@ -78,8 +78,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         noise=args.noise,
         progress=not args.quiet,
     )
-    if report.already_complete:
-        print(f"{args.out} is already complete with these arguments; nothing to do")
+    if report.already_complete:  # and every chunk still what was written
+        from warp_phys.integrity import verify_store
+
+        verify_store(args.out)
+        print(f"{args.out} is already complete with these arguments (verified); nothing to do")
     elif report.skipped:
         print(
             f"resumed {args.out}: {report.skipped} chunks were already done, "
@@ -467,14 +470,15 @@ _DISK_FAULTS = {
 }
 
 
-def _disk_fault(err: OSError, command: str) -> str:
-    where = f" {err.filename}" if err.filename else ""
+def _disk_fault(err: OSError, args: argparse.Namespace) -> str:
+    where = err.filename or getattr(args, "out", None) or getattr(args, "run_dir", None)
+    where = f" {where}" if where else ""
     then = {
-        "generate": "then run the same command again: the store resumes where it stopped",
+        "generate": "then run the same command again (a store cut short resumes where it stopped)",
         "train": "then rerun with --resume to continue from the last checkpoint",
         "compare": "then rerun with --resume to continue",
-    }.get(command, "then run the command again")
-    return f"cannot use{where}: {err.strerror or err}; {_DISK_FAULTS[err.errno]}, {then}"
+    }.get(args.command, "then run the command again")
+    return f"cannot write{where}: {err.strerror or err}; {_DISK_FAULTS[err.errno]}, {then}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in _DISK_FAULTS:
             raise
-        print(f"warp-phys: error: {_disk_fault(err, args.command)}", file=sys.stderr)
+        print(f"warp-phys: error: {_disk_fault(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -92,6 +92,21 @@ def check_shapes(path: Path, root, split: str) -> None:
             )
 
 
+def check_chunks_present(path: Path, root, split: str) -> None:
+    """Raise StoreError when chunk files of the data are missing (a partial copy of a store)."""
+    for var in ("y", "params", "y0", "obs"):
+        if var == "obs" and "obs" not in declared_shapes(root, split):
+            continue
+        with reading(path, f"the chunk list of {split}/{var}"):
+            arr = root[split][var]
+            done, total = arr.nchunks_initialized, arr.nchunks
+        if done < total:
+            raise StoreError(
+                f"store {path} is truncated: {split}/{var} has {done} of {total} chunk files; "
+                f"copy it again, or delete it and generate it again"
+            )
+
+
 def store_system(path: Path, root, splits: list[str]) -> System:
     """Return the registered system that made the store, with the store's parameter ranges.
 
@@ -222,6 +237,7 @@ def verify_store(path: str | os.PathLike) -> dict:
     checksums, n_arrays, n_traj = True, 0, 0
     for split in splits:
         check_shapes(path, root, split)
+        check_chunks_present(path, root, split)
         group, attrs = root[split], dict(root[split].attrs)
         present = [v for v in ARRAYS if v in set(group.array_keys())]
         checksums &= all(_has_crc(group[v]) for v in present)
@@ -262,10 +278,13 @@ def fingerprint(path: str | os.PathLike) -> str:
 
     Hashed: the generation arguments, the attributes and metadata (shape, chunks, dtype, codecs)
     of every array of every split, and for every chunk file its name, its size and its last
-    four bytes. With the CRC-32C codec (format 2) those bytes are the checksum of the whole
-    chunk, so a change anywhere in the data changes the fingerprint, and computing it reads four
-    bytes per chunk, never the data. (Format-1 stores have no checksum: their last bytes are
-    the end of the compressed chunk, which a change usually but not always alters.)
+    four bytes. With the CRC-32C codec (format 2) those bytes are the checksum zarr computed
+    over the whole chunk when it wrote it, so a store written again with other values (another
+    seed, other ranges, a regenerated or replaced store) has another fingerprint, and computing
+    it reads four bytes per chunk, never the data. It identifies what was written; damage
+    after writing (a flipped bit leaves the stored checksum as it was) is caught when the chunk
+    is read, by that checksum. (Format-1 stores have no checksum: their last bytes are the end
+    of the compressed chunk, which other values usually but not always alter.)
     """
     from warp_phys.store import _open_complete, _splits
 

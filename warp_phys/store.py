@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from warp_phys import simulate as simulate_module
 from warp_phys.errors import StoreError, UserError
-from warp_phys.integrity import check_shapes, reading
+from warp_phys.integrity import check_chunks_present, check_shapes, reading
 from warp_phys.simulate import (
     DEFAULT_ATOL,
     DEFAULT_METHOD,
@@ -645,16 +645,7 @@ def open_split(path: str | os.PathLike, split: str) -> xr.Dataset:
             f"store {path} has no split {split!r}; its splits are {', '.join(_splits(root))}"
         )
     check_shapes(path, root, split)
-    names = ("y", "params", "y0", "obs") if "obs" in root[split] else ("y", "params", "y0")
-    for var in names:  # a partial copy of a complete store: chunk files missing
-        with reading(path, f"the chunk list of {split}/{var}"):
-            arr = root[split][var]
-            done, total = arr.nchunks_initialized, arr.nchunks
-        if done < total:
-            raise StoreError(
-                f"store {path} is truncated: {split}/{var} has {done} of {total} chunk files; "
-                f"copy it again, or delete it and generate it again"
-            )
+    check_chunks_present(path, root, split)
     with reading(path, f"split {split}"):
         return xr.open_zarr(path, group=split, consolidated=True)
 
