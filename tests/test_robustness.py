@@ -195,16 +195,20 @@ def test_damaged_best_checkpoint_is_one_line(content, message, finished_run, tmp
 # -- runs that cannot lie ---------------------------------------------------------------------
 def test_a_new_train_never_replaces_an_old_one_without_overwrite(sine, tmp_path, capsys):
     argv = ["train", "--data", sine, *TINY_TRAIN, "--set", f"out_dir={json.dumps(str(tmp_path))}"]
-    assert cli(capsys, *argv)[0] == 0
+    assert cli(capsys, *argv)[0] == 0  # no --out: runs/out/run/gru under out_dir
     run = tmp_path / "run" / "gru"
+    record = (run / "run.json").read_bytes()
+    rc, out, _ = cli(capsys, *argv)  # the same settings and data: reported, not trained again
+    assert rc == 0 and "already holds this run" in out and "gru test: forecast MSE" in out
+    assert (run / "run.json").read_bytes() == record
     before = snapshot(run)
-    rc, _, err = cli(capsys, *argv)
-    one_line(rc, err, "already holds a finished run", "--resume", "--overwrite", "--out")
+    rc, _, err = cli(capsys, *argv, "--set", "train.steps=3")
+    one_line(rc, err, "already holds a finished run with other settings (train.steps = 2 in the run, 3 now)", "--overwrite")  # fmt: skip
     assert snapshot(run) == before
-    rc, _, _ = cli(capsys, *argv, "--overwrite")
+    rc, _, _ = cli(capsys, *argv, "--set", "train.steps=3", "--overwrite")
     assert rc == 0
-    old, new = (json.loads(b["run.json"])["run_id"] for b in (before, snapshot(run)))
-    assert old != new
+    new = json.loads((run / "run.json").read_text())
+    assert new["run_id"] != json.loads(record)["run_id"] and new["summary"]["steps"] == 3
 
 
 @pytest.mark.parametrize(
@@ -394,13 +398,21 @@ def compare_argv(out_dir: Path, *extra) -> list:
     return ["compare", preset, "--no-progress", "--set", f"out_dir={json.dumps(str(out_dir))}", *extra]  # fmt: skip
 
 
-def test_compare_resume_never_takes_other_settings_for_done(tmp_path, capsys):
+def test_compare_never_takes_other_settings_for_done(tmp_path, capsys):
     assert cli(capsys, *compare_argv(tmp_path))[0] == 0
-    rc, _, err = cli(capsys, *compare_argv(tmp_path))
-    one_line(rc, err, "already holds a compare", "--resume", "--overwrite")
-    rc, _, err = cli(capsys, *compare_argv(tmp_path, "--set", "train.steps=3", "--resume"))
-    one_line(rc, err, "train.steps = 2 in the run, 3 now")
-    assert cli(capsys, *compare_argv(tmp_path, "--resume"))[0] == 0  # the same: reused
+
+    def trained() -> dict:  # what the training produced (evaluation timings aside)
+        results = json.loads((tmp_path / "cmp" / "results.json").read_text())["models"]
+        return {k: (m["train_seconds"], m["splits"]["test"]["mse"]) for k, m in results.items()}
+
+    first = trained()
+    assert cli(capsys, *compare_argv(tmp_path))[0] == 0  # the same again: reused, not retrained
+    assert trained() == first
+    runs = {label: snapshot(tmp_path / "cmp" / label) for label in ("gru", "lstm")}
+    for flags in ([], ["--resume"]):
+        rc, _, err = cli(capsys, *compare_argv(tmp_path, "--set", "train.steps=3", *flags))
+        one_line(rc, err, "train.steps = 2 in the run, 3 now", "--overwrite")
+    assert runs == {label: snapshot(tmp_path / "cmp" / label) for label in ("gru", "lstm")}
     rc, _, _ = cli(capsys, *compare_argv(tmp_path, "--set", "train.steps=3", "--overwrite"))
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert rc == 0 and {m["train_steps"] for m in results["models"].values()} == {3}
@@ -455,7 +467,7 @@ def test_a_missing_data_path_is_an_error_and_generates_nothing(tmp_path, capsys,
 
 
 def test_paths_with_quotes_and_backslashes_reach_the_config_intact(sine, tmp_path, capsys):
-    odd = tmp_path / 'a "quoted" \\ dir, ünï'
+    odd = tmp_path / 'a "quoted" \\ dir,\tünï'
     shutil.copytree(sine, odd / "s.zarr")
     run = odd / "run"
     assert cli(capsys, *train_argv(odd / "s.zarr", run))[0] == 0

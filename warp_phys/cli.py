@@ -207,6 +207,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if res.get("reused"):
+        print(
+            f"{run_dir} already holds this run, finished with these settings and data: its "
+            f"results follow (--overwrite trains it again)"
+        )
     if "failed" in res:
         print(f"warp-phys: {label} failed in training: {res['failed']}", file=sys.stderr)
         print(f"run directory: {run_dir}")

@@ -18,6 +18,7 @@ from warp_phys.errors import UserError
 from warp_phys.report import plot_forecasts, plot_horizon, plot_recovery, results_table
 from warp_phys.run import (
     EVAL_SPLITS,
+    plan_run,
     predictions_dataset,
     prepare_data,
     train_and_evaluate,
@@ -69,29 +70,32 @@ def compare(
     Args:
         resume: continue an interrupted compare: each model's run continues only when its
             settings and data are the ones recorded (else one error naming the difference), a
-            finished one is reused, a missing one is trained.
-        overwrite: replace the runs of an earlier compare of the same name (each only once
-            its own inputs have been checked).
+            missing one is trained.
+        overwrite: replace the runs of an earlier compare of the same name (once every
+            model's inputs have been checked).
+
+    Without either, a model already trained in this place with the same settings and data is
+    reused (and said so); a run with other settings, or an unfinished one, is an error.
     """
     out = Path(cfg.out_dir) / cfg.name
-    _check_output(out, resume=resume, overwrite=overwrite)
+    _check_output(out)
     data = prepare_data(cfg, progress=progress)
     if not cfg.models:
         cfg = dataclasses.replace(cfg, models=default_models(data.system))
+    # every model's run is checked before any is trained: a failing compare writes nothing
+    flags = {
+        label: {"resume": resume and (out / label / "run.json").exists(), "overwrite": overwrite}
+        for label in cfg.models
+    }
+    for label in cfg.models:
+        plan_run(out / label, cfg, cfg.model_for(label), data, **flags[label])
     results, preds = {}, {}
     for label in cfg.models:
-        model_cfg = cfg.model_for(label)
-        run_dir = out / label
         got = train_and_evaluate(
-            cfg,
-            data,
-            label,
-            model_cfg,
-            run_dir,
-            resume=resume and (run_dir / "run.json").exists(),
-            overwrite=overwrite,
-            progress=progress,
+            cfg, data, label, cfg.model_for(label), out / label, progress=progress, **flags[label]
         )
+        if got.get("reused"):
+            log.warning("%s: already trained with these settings and data; reused", label)
         results[label] = summarize(got)
         if "failed" in got:
             log.warning("%s failed: %s", label, got["failed"])
@@ -121,25 +125,16 @@ def compare(
     return summary
 
 
-def _check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over an earlier compare unless resuming or overwriting, and over anything
-    that is not a compare at all."""
+def _check_output(out: Path) -> None:
+    """Refuse an output folder that holds something other than a compare."""
     if not out.exists():
         return
     if not out.is_dir():
         raise UserError(f"{out} is a file; pick another --set name=... or out_dir")
-    runs = sorted(p.name for p in out.iterdir() if (p / "run.json").exists())
-    if not runs and not (out / "results.json").exists():
-        if any(out.iterdir()):
-            raise UserError(
-                f"{out} exists and holds something else; pick another --set name=... or delete it"
-            )
-        return
-    if not (resume or overwrite):
+    ours = (out / "results.json").exists() or any((p / "run.json").exists() for p in out.iterdir())
+    if not ours and any(out.iterdir()):
         raise UserError(
-            f"{out} already holds a compare (runs: {', '.join(runs) or 'none'}); continue it with "
-            f"--resume (finished models with the same settings are reused), replace it with "
-            f"--overwrite, or pick another --set name=..."
+            f"{out} exists and holds something else; pick another --set name=... or delete it"
         )
 
 

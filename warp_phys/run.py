@@ -74,6 +74,59 @@ def data_record(data: Dataset) -> dict:
     }
 
 
+def plan_run(
+    run_dir: Path,
+    cfg: RunConfig,
+    model_cfg: ModelConfig,
+    data: Dataset,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> tuple[str, dict | None]:
+    """Decide what to do with `run_dir`, writing nothing: return (action, its record).
+
+    Actions: "new" (nothing there), "done" (a finished or failed run with the same settings
+    and data: reported, not trained again), "continue" (resume=True and an unfinished run with
+    the same settings and data), "replace" (overwrite=True and a run there).
+
+    Raises:
+        UserError: resume with nothing to resume, or with other settings or data (naming the
+            first difference); a run there with other settings, or unfinished, without resume
+            or overwrite; a folder holding something other than a run.
+    """
+    run_dir = Path(run_dir)
+    record = _existing_run(run_dir, lenient=overwrite and not resume)
+    if record is None:
+        if resume:
+            raise UserError(
+                f"nothing to resume in {run_dir} (no run.json); run without --resume to start "
+                f"afresh"
+            )
+        return "new", None
+    if overwrite and not resume:
+        return "replace", record
+    settings, data_rec = run_settings(cfg, model_cfg), data_record(data)
+    if resume:
+        _check_same(run_dir, record, settings, data_rec)
+        return ("continue" if record["state"] == "training" else "done"), record
+    same = record["data"]["fingerprint"] == data_rec["fingerprint"] and not _difference(
+        record["settings"], settings
+    )
+    if same and record["state"] != "training":
+        return "done", record
+    why = "an unfinished run" if same else f"a {record['state']} run with other {_what_differs(record, settings, data_rec)}"  # fmt: skip
+    raise UserError(
+        f"{run_dir} already holds {why}; continue it with --resume, replace it with "
+        f"--overwrite, or choose another --out"
+    )
+
+
+def _what_differs(record: dict, settings: dict, data_rec: dict) -> str:
+    if record["data"]["fingerprint"] != data_rec["fingerprint"]:
+        return f"data (store {record['data']['path']})"
+    return f"settings ({_difference(record['settings'], settings)})"
+
+
 def train_and_evaluate(
     cfg: RunConfig,
     data: Dataset,
@@ -87,42 +140,37 @@ def train_and_evaluate(
 ) -> dict:
     """Train `model_cfg` on `data` in `run_dir`, evaluate the best checkpoint, write metrics.json.
 
+    What happens to a run already in `run_dir` is `plan_run`'s decision: a finished one with
+    the same settings and data is evaluated again and reported (``"reused": True``) instead of
+    trained again.
+
     Args:
         resume: continue the run in `run_dir` (it must hold one with the same settings and
-            data); a finished run is evaluated again without training.
+            data).
         overwrite: replace a run that `run_dir` holds (only after every check has passed).
     """
     run_dir = Path(run_dir)
-    record = _existing_run(run_dir, lenient=overwrite and not resume)
-    settings, data_rec = run_settings(cfg, model_cfg), data_record(data)
-    if record is None and resume:
-        raise UserError(f"nothing to resume in {run_dir} (no run.json); run without --resume to start afresh")  # fmt: skip
-    if record is not None and resume:
-        _check_same(run_dir, record, settings, data_rec)
-        if record["state"] != "training":
-            return _finished(run_dir, record, cfg, data)
-    elif record is not None and not overwrite:
-        raise UserError(
-            f"{run_dir} already holds a {record['state']} run; continue it with --resume, "
-            f"replace it with --overwrite, or choose another --out"
-        )
-    continuing = record is not None and resume
+    action, record = plan_run(run_dir, cfg, model_cfg, data, resume=resume, overwrite=overwrite)
+    if action == "done":
+        return _finished(run_dir, record, cfg, data) | {"reused": True}
+    continuing = action == "continue"
     new = {
         "format": RUN_FORMAT,
         "label": label,
         "run_id": record["run_id"] if continuing else uuid.uuid4().hex,
         "state": "training",
         "started": record["started"] if continuing else _now(),
-        "settings": settings,
-        "data": data_rec,
+        "settings": run_settings(cfg, model_cfg),
+        "data": data_record(data),
     }
 
     def on_start() -> None:  # every input checked: now the run directory may change
-        if record is not None and not continuing:
+        if action == "replace":
             _clear(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "run.json", new)
-        write_text_atomic(run_dir / "config.toml", to_toml(cfg))
+        used = dataclasses.replace(cfg.data, path=new["data"]["path"])  # the store, absolute
+        write_text_atomic(run_dir / "config.toml", to_toml(dataclasses.replace(cfg, data=used)))
 
     summary = train(
         cfg,

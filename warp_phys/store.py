@@ -347,6 +347,9 @@ def _claim(path: Path) -> Iterator[None]:
         for stale in _stale_partials(path):  # only a writer holding the lock makes these
             log.info("removing %s, left by an interrupted generate", stale)
             shutil.rmtree(stale, ignore_errors=True)
+        if path.is_dir():  # zarr's temporary chunk files, left by a kill in mid-write
+            for f in path.rglob("*.partial"):
+                f.unlink(missing_ok=True)
         yield
     finally:
         lock.unlink(missing_ok=True)
