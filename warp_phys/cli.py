@@ -102,9 +102,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         report = verify_store(args.path)
     print_summary(info)
     if args.verify:
-        sums = "every chunk's CRC-32C checksum matched" if report["checksums"] else (
-            f"no checksums to check (store format {report['format']}, written before format 2)"
-        )  # fmt: skip
+        sums = (
+            "every chunk's CRC-32C checksum matched"
+            if report["checksums"]
+            else f"no checksums to check (store format {report['format']}, before format 2)"
+        )
         print(
             f"verified: {report['arrays']} arrays, {report['trajectories']} trajectories read; "
             f"{sums}; shapes as declared, values finite and within their recorded ranges, "

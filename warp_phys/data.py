@@ -162,7 +162,8 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS, *, system: str = 
         ds = open_split(path, split)
         first = first if first is not None else ds
         with reading(path, f"split {split}"):
-            rows = {v: np.asarray(ds[v].values, dtype=np.float64) for v in ("y", "obs", "params", "y0") if v in ds}  # fmt: skip
+            present = [v for v in ("y", "obs", "params", "y0") if v in ds]
+            rows = {v: np.asarray(ds[v].values, dtype=np.float64) for v in present}
         check_rows(path, split, rows, 0, dict(root[split].attrs), made_by)
         clean = torch.from_numpy(rows["y"].astype(np.float32))
         obs = rows.get("obs")

@@ -45,6 +45,10 @@ def _fix(path: Path) -> str:
     )
 
 
+def _damaged(path: Path, what: str) -> str:
+    return f"store {path} is damaged: {what}; {_fix(path)}"
+
+
 @contextmanager
 def reading(path: Path, what: str) -> Iterator[None]:
     """Turn a failure to read or decode part of a store into one StoreError naming it."""
@@ -246,9 +250,9 @@ def verify_store(path: str | os.PathLike) -> dict:
             times = group["time"][:]
             names = [list(group["state"][:]), list(group["parameter"][:])]
         if not np.array_equal(times, system.times().numpy()):
-            raise StoreError(f"store {path} is damaged: {split}/time is not the system's time grid; {_fix(path)}")  # fmt: skip
+            raise StoreError(_damaged(path, f"{split}/time is not the system's time grid"))
         if names != [list(system.state), list(system.param_names)]:
-            raise StoreError(f"store {path} is damaged: {split} names its states or parameters {names}; {_fix(path)}")  # fmt: skip
+            raise StoreError(_damaged(path, f"{split} names its states and parameters {names}"))
         n, step = group["y"].shape[0], group["y"].chunks[0]
         for lo in range(0, n, step):
             hi = min(lo + step, n)
@@ -256,7 +260,7 @@ def verify_store(path: str | os.PathLike) -> dict:
                 rows = {v: group[v][lo:hi] for v in ("y", "obs", "params", "y0") if v in present}
                 index = group["trajectory"][lo:hi]
             if not np.array_equal(index, np.arange(lo, hi)):
-                raise StoreError(f"store {path} is damaged: {split}/trajectory is not 0..{n - 1}; {_fix(path)}")  # fmt: skip
+                raise StoreError(_damaged(path, f"{split}/trajectory is not 0..{n - 1}"))
             check_rows(path, split, rows, lo, attrs, system)
         n_traj += n
     meta = root.attrs["warp_phys"]

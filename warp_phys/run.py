@@ -63,7 +63,12 @@ def run_settings(cfg: RunConfig, model_cfg: ModelConfig) -> dict:
     """What fixes a model's training besides its data: the context, the model and its recipe."""
     recipe = dataclasses.asdict(cfg.train_for(model_cfg))
     recipe.pop("threads")  # a machine resource, not a setting: the results do not depend on it
-    return json.loads(json.dumps({"context": cfg.data.context, "model": dataclasses.asdict(model_cfg), "train": recipe}))  # fmt: skip
+    settings = {
+        "context": cfg.data.context,
+        "model": dataclasses.asdict(model_cfg),
+        "train": recipe,
+    }
+    return json.loads(json.dumps(settings))  # tuples -> lists, as run.json gives them back
 
 
 def data_record(data: Dataset) -> dict:
@@ -114,7 +119,10 @@ def plan_run(
     )
     if same and record["state"] != "training":
         return "done", record
-    why = "an unfinished run" if same else f"a {record['state']} run with other {_what_differs(record, settings, data_rec)}"  # fmt: skip
+    if same:
+        why = "an unfinished run"
+    else:
+        why = f"a {record['state']} run with other {_what_differs(record, settings, data_rec)}"
     raise UserError(
         f"{run_dir} already holds {why}; continue it with --resume, replace it with "
         f"--overwrite, or choose another --out"
@@ -198,7 +206,9 @@ def _failure(summary: dict) -> str:
             f"untrained weights"
         )
     if summary["steps"] == 0 and summary["stopped"]:
-        return f"made no optimiser step ({summary['stopped']}); not evaluated at its untrained weights"  # fmt: skip
+        return (
+            f"made no optimiser step ({summary['stopped']}); not evaluated at its untrained weights"
+        )
     return ""
 
 
@@ -271,7 +281,9 @@ def _well_formed(r) -> bool:
     data, settings = r.get("data"), r.get("settings")
     ok = isinstance(r.get("label"), str) and isinstance(r.get("run_id"), str)
     ok &= isinstance(settings, dict) and isinstance(settings.get("model"), dict)
-    ok &= isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("path", "fingerprint"))  # fmt: skip
+    ok &= isinstance(data, dict) and all(
+        isinstance(data.get(k), str) for k in ("path", "fingerprint")
+    )
     if r.get("state") != "training":
         ok &= isinstance(r.get("summary"), dict)
     return ok and (r["state"] != "failed" or isinstance(r.get("failed"), str))

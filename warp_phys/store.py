@@ -40,7 +40,6 @@ interruptions either.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -48,8 +47,6 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +59,7 @@ from tqdm.auto import tqdm
 from warp_phys import simulate as simulate_module
 from warp_phys.errors import StoreError, UserError
 from warp_phys.integrity import check_chunks_present, check_shapes, reading
+from warp_phys.places import check_disk_space, check_parent, claim
 from warp_phys.simulate import (
     DEFAULT_ATOL,
     DEFAULT_METHOD,
@@ -71,11 +69,6 @@ from warp_phys.simulate import (
 )
 from warp_phys.system import SPLITS, System
 
-try:
-    import fcntl
-except ImportError:  # not on POSIX: stores are written without the one-writer lock
-    fcntl = None
-
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # layout version, bumped when the layout above changes (2: CRC-32C per chunk)
@@ -84,9 +77,6 @@ _MARKS_PER_FILE = 1024  # chunk marks per zarr chunk of the _progress arrays
 _SMALL_CHUNK = 65536  # trajectories per zarr chunk of params and y0 (tiny arrays)
 NOISE_STREAM = 1  # third entry of a trajectory's noise SeedSequence (parameters use none)
 _STD_BLOCK = 256  # trajectories per block of the train-std computation: fixed, never `chunk`
-# zstd keeps 92-97% of the bytes of the float64 trajectories of every built-in system
-# (measured), so a store whose raw size is over twice the free space cannot fit
-_MIN_STORED_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -137,26 +127,29 @@ def generate_store(
     _integrator_attrs(method, rtol, atol)  # validates the method and tolerances
     check_tolerances(rtol, atol)
     arguments = _arguments(system, counts, seed, chunk, method, rtol, atol, noise)
-    ts = system.times()  # (T,) float64
     first = next(iter(counts))
-    _probe(system, _sample(system, seed, first, counts[first], 0, 1), ts, method=method, rtol=rtol, atol=atol)  # fmt: skip
-    _check_parent(path)
+    _probe(system, _sample(system, seed, first, counts[first], 0, 1), method, rtol, atol)
+    check_parent(path)
 
     total = _n_chunks(counts, chunk)
     if _existing_state(path, arguments) == "complete":
         return GenerateReport(path, written=0, skipped=total, already_complete=True)
-    with _claim(path):
+    with claim(path):
         state = _existing_state(path, arguments)  # again: another writer may have finished it
         if state == "complete":
             return GenerateReport(path, written=0, skipped=total, already_complete=True)
         if state == "new":
-            _check_disk_space(path, system, counts, noise)
+            check_disk_space(path, system, counts, noise)
             _create(path, system, arguments, seed)
-        return _fill(path, system, counts, chunk, ts, method, rtol, atol, noise, seed, total, progress)  # fmt: skip
+        return _fill(path, system, arguments, progress=progress)
 
 
-def _fill(path, system, counts, chunk, ts, method, rtol, atol, noise, seed, total, progress) -> GenerateReport:  # fmt: skip
+def _fill(path: Path, system: System, arguments: dict, *, progress: bool) -> GenerateReport:
     """Integrate and write every chunk not marked done, then the noise, then finalise."""
+    counts, chunk, seed = arguments["counts"], arguments["chunk"], arguments["seed"]
+    method, rtol, atol = arguments["method"], arguments["rtol"], arguments["atol"]
+    noise, ts = arguments.get("noise", 0.0), system.times()  # (T,) float64
+    total = _n_chunks(counts, chunk)
     root = zarr.open_group(path, mode="r+")
 
     todo = {split: np.flatnonzero(root[_PROGRESS][split]["done"][:] == 0) for split in counts}
@@ -260,10 +253,10 @@ def _sample(
     return np.ascontiguousarray(params, np.float64), np.ascontiguousarray(y0, np.float64)
 
 
-def _probe(system: System, sample, ts, *, method: str, rtol: float, atol: float) -> None:
+def _probe(system: System, sample, method: str, rtol: float, atol: float) -> None:
     """Integrate one trajectory over one step: a bad vector field fails before any write."""
     params, y0 = (torch.from_numpy(a[:1]) for a in sample)  # (1, P), (1, S)
-    simulate(system, y0, params, ts[:2], method=method, rtol=rtol, atol=atol)
+    simulate(system, y0, params, system.times()[:2], method=method, rtol=rtol, atol=atol)
 
 
 def _n_chunks(counts: dict[str, int], chunk: int) -> int:
@@ -299,89 +292,6 @@ def _diff(stored, wanted: dict) -> str:
         return ", ".join(f"description.{k}" for k in new if old.get(k) != new[k])
     shown = [k for k in keys if k != "description"]
     return "; ".join(f"{k}: stored {stored.get(k)!r}, asked {wanted[k]!r}" for k in shown)
-
-
-def _check_parent(path: Path) -> None:
-    """Raise StoreError when a file stands where a folder above `path` would have to be."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise StoreError(
-                    f"{parent} is a file, so {path} cannot be created under it; "
-                    f"choose another --out"
-                )
-            return
-
-
-@contextmanager
-def _claim(path: Path) -> Iterator[None]:
-    """Hold the lock file ``.NAME.lock`` beside `path` while writing; a second writer fails fast.
-
-    The kernel drops the lock when its holder dies (even by SIGKILL), so no lock goes stale; the
-    file is removed on release, and a writer that locked a file already removed tries again."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    lock = path.parent / f".{path.name}.lock"
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise StoreError(
-                f"another warp-phys process is writing {path} right now (it holds {lock}); "
-                f"wait for it to finish, then run this command again"
-            ) from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the holder we waited for removed that file: lock the new one
-    try:
-        for stale in _stale_partials(path):  # only a writer holding the lock makes these
-            log.info("removing %s, left by an interrupted generate", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        if path.is_dir():  # zarr's temporary chunk files, left by a kill in mid-write
-            for f in path.rglob("*.partial"):
-                f.unlink(missing_ok=True)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _stale_partials(path: Path) -> list[Path]:
-    prefix = f".{path.name}.partial-"
-    return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
-
-
-def _check_disk_space(path: Path, system: System, counts: dict[str, int], noise: float) -> None:
-    """Raise StoreError when the store cannot fit on the disk of `path`, before writing."""
-    free = shutil.disk_usage(path.parent).free
-    T, S, P = system.n_steps, system.state_dim, len(system.param_names)
-    per_trajectory = 8 * (T * S * (2 if noise else 1) + P + S)  # float64 y (and obs), params, y0
-    n = sum(counts.values())
-    raw = n * per_trajectory
-    if raw * _MIN_STORED_FRACTION > free:
-        raise StoreError(
-            f"the store would need about {_size(raw)} ({n} trajectories of {T} steps x {S} "
-            f"states in float64) but {path.parent} has {_size(free)} free; lower the --n-* "
-            f"counts, or choose an --out on a larger disk"
-        )
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} PB"
 
 
 def _create(path: Path, system: System, arguments: dict, seed: int) -> None:
@@ -432,9 +342,12 @@ def _create_split(group, system: System, split: str, arguments: dict, n: int, se
     small = min(n, _SMALL_CHUNK)
     for dim, names in (("state", system.state), ("parameter", system.param_names)):
         _array(group, dim, np.array(names, dtype=object), dtype=str, dims=(dim,))
-    traj = _array(group, "trajectory", shape=(n,), dtype="i8", dims=("trajectory",), chunks=(small,), fill=-1)  # fmt: skip
+    traj = _array(
+        group, "trajectory", shape=(n,), dtype="i8", dims=("trajectory",), chunks=(small,), fill=-1
+    )
     _array(group, "time", ts, dims=("time",))
-    params = _array(group, "params", shape=(n, P), dims=("trajectory", "parameter"), chunks=(small, P))  # fmt: skip
+    dims = ("trajectory", "parameter")
+    params = _array(group, "params", shape=(n, P), dims=dims, chunks=(small, P))
     y0 = _array(group, "y0", shape=(n, S), dims=("trajectory", "state"), chunks=(small, S))
     for lo in range(0, n, small):  # one zarr chunk at a time: memory bounded by the block
         hi = min(lo + small, n)

@@ -135,7 +135,9 @@ def load_checkpoint(path: Path) -> dict:
                 f"it was not written by warp-phys and is refused unread; delete it and train "
                 f"afresh"
             ) from None
-        raise UserError(f"checkpoint {path} is corrupt (not a readable checkpoint); delete it and train afresh") from None  # fmt: skip
+        raise UserError(
+            f"checkpoint {path} is corrupt (not a readable checkpoint); delete it and train afresh"
+        ) from None
     except Exception as err:  # noqa: BLE001 - any other failure to unpickle: a damaged file
         raise UserError(
             f"checkpoint {path} is corrupt ({type(err).__name__}); delete it and train afresh"
