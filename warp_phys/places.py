@@ -101,8 +101,7 @@ def check_disk_space(path: Path, system: System, counts: dict[str, int], noise: 
         raise StoreError(
             f"the store would need about {_size(raw)} ({n} trajectories of {T} steps x {S} "
             f"states in float64) but {os.path.abspath(path.parent)} has {_size(free)} free; "
-            f"lower the --n-* "
-            f"counts, or choose an --out on a larger disk"
+            f"lower the --n-* counts, or choose an --out on a larger disk"
         )
 
 
