@@ -93,12 +93,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from warp_phys.integrity import check_metadata, verify_store
     from warp_phys.store import store_info
 
     info = store_info(args.path)
+    check_metadata(args.path)  # no data read; --verify reads every chunk
     if args.verify:
-        from warp_phys.integrity import verify_store
-
         report = verify_store(args.path)
     print_summary(info)
     if args.verify:

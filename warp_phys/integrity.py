@@ -8,6 +8,8 @@ What is checked, and where:
   params and y0 are finite; y stays within the value range recorded when it was written (a
   flipped exponent bit gives a finite 1e307); y at t0 equals y0; every parameter lies in its
   split's declared range and is positive where the system declares it so;
+- `check_metadata` (``warp-phys info``): what needs no data read: the labels and declaration,
+  the shapes, every chunk file present;
 - `verify_store` (``warp-phys info --verify``): all of it, chunk by chunk over every array, with
   the CRC-32C of every chunk checked by zarr as it is read;
 - `fingerprint`: a cheap identity of a store's content for the run directories that use it.
@@ -224,6 +226,20 @@ def _check_params(path, split, params: np.ndarray, lo: int, attrs: dict, system:
                 f"store {path} is damaged: {split}/params of trajectory {lo + b} has {name} = "
                 f"{col[b]:.6g}, outside its declared range [{low:.6g}, {high:.6g}]; {_fix(path)}"
             )
+
+
+def check_metadata(path: str | os.PathLike) -> System:
+    """The checks that read no data: complete, its own registered system, declared shapes,
+    every chunk file present. Return the system; raise StoreError otherwise."""
+    from warp_phys.store import _open_complete, _splits
+
+    path = Path(path)
+    root = _open_complete(path)
+    system = store_system(path, root, _splits(root))
+    for split in _splits(root):
+        check_shapes(path, root, split)
+        check_chunks_present(path, root, split)
+    return system
 
 
 def verify_store(path: str | os.PathLike) -> dict:
