@@ -485,6 +485,8 @@ def _disk_fault(err: OSError, args: argparse.Namespace) -> str:
         "train": "then rerun with --resume to continue from the last checkpoint",
         "compare": "then rerun with --resume to continue",
     }.get(args.command, "then run the command again")
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        return f"cannot write{where}: {err.strerror or err}; {_DISK_FAULTS[err.errno]}"
     return f"cannot write{where}: {err.strerror or err}; {_DISK_FAULTS[err.errno]}, {then}"
 
 
