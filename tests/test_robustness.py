@@ -642,6 +642,7 @@ def test_info_verify_passes_a_healthy_store_and_a_format_1_store(msd_store, tmp_
 # -- every accepted value means what it says ---------------------------------------------------
 BAD_SETTINGS = {  # --set value: fragment of the error line
     'train.loss="l1"': "train.loss = 'l1' is not allowed: it must be one of mse, nll",
+    'train.loss="nll"': "needs a root that predicts a std",  # a GRU predicts none
     "train.max_seconds=nan": "train.max_seconds = nan",
     "train.max_seconds=-1": "train.max_seconds = -1.0",
     "train.batch_size=0": "train.batch_size = 0 is not allowed: it must be an integer >= 1",

@@ -203,6 +203,8 @@ def train(
     state = TrainState()
     gen = torch.Generator(device=device).manual_seed(tcfg.seed)
     batch_rng = torch.Generator().manual_seed(tcfg.seed + 1)
+    if tcfg.loss == "nll":
+        _check_predicts_std(model, data.splits["train"].y[:1].to(device), data.n_steps)
     if resume:
         state = _resume(run_dir / "last.pt", model, opt, gen, batch_rng)
         log.info("resumed %s at step %d", run_dir, state.step)
@@ -287,6 +289,18 @@ def train(
     if stopped:
         log.warning("%s: training stopped early: %s", run_dir.name, stopped)
     return _write_summary(run_dir, state, model, mcfg, stopped)
+
+
+def _check_predicts_std(model: nn.Module, ys: Tensor, n_steps: int) -> None:
+    """Raise UserError when the Gaussian NLL loss is asked of a model that predicts no std
+    (one teacher-forced pass over one trajectory; the random streams are left as they were)."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[ys.device] if ys.is_cuda else []):
+        std = model(ys, context=n_steps).std
+    if std is None:
+        raise UserError(
+            "train.loss = 'nll' needs a root that predicts a std (prior option predict_std = "
+            "true); use train.loss = 'mse' for this model"
+        )
 
 
 def _resume(path: Path, model, opt, gen, batch_rng) -> TrainState:
