@@ -453,7 +453,7 @@ def test_set_of_one_model_keeps_the_other_default_models():
     cfg = load_config(None, ["data.system=msd", 'models.gru.kind="lstm"'], base_models=_default_models)  # fmt: skip
     assert set(cfg.models) == set(default_models(get_system("msd")))
     assert cfg.models["gru"]["kind"] == "lstm"
-    assert cfg.models["warp"]["prior_options"] == {"width": 32, "depth": 2}
+    assert cfg.models["warp"] == default_models(get_system("msd"))["warp"]
     cfg = load_config("msd_small", ["models.gru.hidden=8"], base_models=_default_models)
     assert set(cfg.models) == {"warp", "warp_phys", "gru", "lstm"}  # the preset's own models
 
@@ -662,6 +662,8 @@ BAD_SETTINGS = {  # --set value: fragment of the error line
     'model.precision="fp8"': "model.precision = 'fp8' is not allowed: it must be one of auto, fp32",
     'model.scan_method="magic"': "model.scan_method = 'magic'",
     "model.hidden=0": "model.hidden = 0",
+    "model.prefix_chunk=-1": 'model.prefix_chunk = -1 is not allowed: it must be an integer >= 0 (0 = off) or "auto"',
+    'model.prefix_chunk="often"': "model.prefix_chunk = 'often'",
     "model.prior_options=3": "model.prior_options must be a table of options",
     "models=3": "[models] must be a table of model tables",
     "models.gru=3": "[models.gru] must be a table",

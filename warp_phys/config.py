@@ -203,6 +203,10 @@ _RULES: dict[str, dict[str, tuple]] = {
         "scan_method": _choice(_names("warp_phys.scan", "METHODS")),
         "pad_to": _integer(1),
         "checkpoint_every": _integer(0),
+        "prefix_chunk": (
+            lambda v: v == "auto" or _integer(0)[0](v),
+            'an integer >= 0 (0 = off) or "auto"',
+        ),
         "hidden": _integer(1),
     },
     "train": {
