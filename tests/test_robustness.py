@@ -633,10 +633,31 @@ def test_non_finite_noisy_observations_are_refused(var, noisy, tmp_path, capsys)
     one_line(rc, err, "train/obs of trajectory 1 is not finite")
 
 
-def test_info_verify_passes_a_healthy_store_and_a_format_1_store(msd_store, tmp_path, capsys):
+def test_info_verify_passes_a_healthy_store_and_a_format_1_store(
+    msd_store, sine, tmp_path, capsys, monkeypatch, read_store, same_arrays
+):
     rc, out, _ = cli(capsys, "info", msd_store, "--verify")
     assert rc == 0 and "verified: 28 arrays, 17 trajectories read" in out
     assert "CRC-32C checksum matched" in out
+    import warp_phys.store as store
+
+    def format_1_array(group, name, data=None, *, shape=None, dtype="f8", dims, chunks=None, fill=np.nan):  # fmt: skip
+        shape = data.shape if data is not None else shape
+        kwargs = {"fill_value": fill} if dtype is not str else {}
+        arr = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks or shape, dimension_names=dims, **kwargs)  # fmt: skip
+        if data is not None:
+            arr[...] = data
+        return arr
+
+    monkeypatch.setattr(store, "_array", format_1_array)  # zstd only, as before format 2
+    monkeypatch.setattr(store, "FORMAT", 1)
+    old = tmp_path / "old.zarr"
+    generate_store(get_system("sine"), old, counts=SINE_COUNTS, seed=3, chunk=4, progress=False)
+    monkeypatch.undo()
+    rc, out, _ = cli(capsys, "info", old, "--verify")
+    assert rc == 0 and "no checksums to check (store format 1" in out
+    same_arrays(read_store(old), read_store(sine))  # the same values as format 2
+    assert cli(capsys, *train_argv(old, tmp_path / "r"))[0] == 0  # still trains
 
 
 # -- every accepted value means what it says ---------------------------------------------------
