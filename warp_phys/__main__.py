@@ -1,7 +1,3 @@
-"""`python -m warp_phys ...`: the `warp-phys` command line."""
-
-import sys
-
 from warp_phys.cli import main
 
-sys.exit(main())
+raise SystemExit(main())
