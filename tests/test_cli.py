@@ -53,7 +53,7 @@ def test_generate_prints_a_summary_info_repeats_it_and_a_rerun_is_a_noop(tmp_pat
     assert rc == 0 and info == out
     rc, again, _ = run(capsys, ["generate", "sine", "--out", path, *SMALL, "--seed", "4"])
     assert rc == 0 and again.startswith(
-        f"{path} is already complete with these arguments; nothing to do"
+        f"{path} is already complete with these arguments (verified); nothing to do"
     )
 
 

@@ -35,7 +35,7 @@ TINY_MSD = [
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp")
-    cfg = load_config(None, TINY_MSD + [f'out_dir="{out}"', f'data.path="{out / "msd.zarr"}"'])
+    cfg = load_config(None, TINY_MSD, values={"out_dir": str(out)})
     summary = compare(cfg, progress=False)
     return out / "tiny", summary
 
@@ -93,9 +93,7 @@ def test_predictions_open_in_xarray_with_truth_beside_each_model(tiny_compare):
 
 def test_compare_resume_reuses_finished_models(tiny_compare):
     out, summary = tiny_compare
-    cfg = load_config(
-        None, TINY_MSD + [f'out_dir="{out.parent}"', f'data.path="{out.parent / "msd.zarr"}"']
-    )
+    cfg = load_config(None, TINY_MSD, values={"out_dir": str(out.parent)})
     again = compare(cfg, resume=True, progress=False)
     for label, res in summary["models"].items():
         assert again["models"][label]["splits"]["test"]["mse"] == pytest.approx(

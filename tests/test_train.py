@@ -29,10 +29,9 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def sine_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "sine.zarr"
-    cfg = load_config(None, TINY + [f'data.path="{path}"'])
-    prepare_data(cfg, progress=False)
-    return path
+    """The preset's dataset, generated once under its out_dir/data/."""
+    cfg = load_config(None, TINY, values={"out_dir": str(tmp_path_factory.mktemp("data"))})
+    return prepare_data(cfg, progress=False).path
 
 
 def tiny(sine_store, tmp_path, *extra):
@@ -83,8 +82,8 @@ def test_interrupted_training_resumes_to_the_same_weights(sine_store, tmp_path, 
     monkeypatch.setattr(optim.Optimiser, "step", real_step)
     train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "cut", resume=True, progress=False)
 
-    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert cut["state"]["step"] == full["state"]["step"] == 8
     for k, v in full["model"].items():
         assert torch.equal(v, cut["model"][k]), k
@@ -128,7 +127,7 @@ def test_non_finite_losses_in_a_row_stop_early_and_keep_the_best(sine_store, tmp
     assert summary["stopped"].startswith(
         f"non-finite loss or gradient on {MAX_SKIPPED_IN_A_ROW} batches in a row at step 4"
     )
-    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     assert best["step"] in (2, 4) and summary["best_step"] == best["step"]
     for split in ("test", "test_ood"):  # the kept checkpoint was evaluated
         assert res["metrics"]["splits"][split]["model"]["mse"] < float("inf")
@@ -151,7 +150,10 @@ def test_cuda_without_a_gpu_is_a_clear_error(sine_store, tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ('model.kind="transformer"', "unknown model 'transformer'; choose one of warp, gru, lstm"),
+        (
+            'model.kind="transformer"',
+            "model.kind = 'transformer' is not allowed: it must be one of warp, gru, lstm",
+        ),
         ('model.prior="nope"', "unknown prior 'nope'; registered priors: "),
         ('model.prior="ode"', None),  # fine: sine has a registered ode prior
         (
@@ -165,20 +167,43 @@ def test_cuda_without_a_gpu_is_a_clear_error(sine_store, tmp_path):
     ],
 )
 def test_model_config_errors_name_the_valid_choices(sine_store, tmp_path, override, message):
-    cfg, data = tiny(sine_store, tmp_path, *override.split("\n"), "train.steps=1")
     if message is None:
+        cfg, data = tiny(sine_store, tmp_path, *override.split("\n"), "train.steps=1")
         train_and_evaluate(cfg, data, "m", cfg.model, tmp_path / "r", progress=False)
         return
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message):  # when the config is built, or the model
+        cfg, data = tiny(sine_store, tmp_path, *override.split("\n"), "train.steps=1")
         train_and_evaluate(cfg, data, "m", cfg.model, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()  # nothing written before the inputs were checked
 
 
-def test_resume_needs_a_readable_checkpoint(sine_store, tmp_path):
+def interrupt_at_step(monkeypatch, n: int) -> None:
+    """Make the n-th optimiser step raise KeyboardInterrupt (a kill, as far as the run can tell)."""
+    from warp_phys import optim
+
+    real_step, calls = optim.Optimiser.step, {"n": 0}
+
+    def dying_step(self, loss, progress):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_step(self, loss, progress)
+
+    monkeypatch.setattr(optim.Optimiser, "step", dying_step)
+
+
+def test_resume_needs_a_run_and_a_readable_checkpoint(sine_store, tmp_path, monkeypatch):
     cfg, data = tiny(sine_store, tmp_path)
-    with pytest.raises(UserError, match="no checkpoint at .*last.pt; run without --resume"):
+    with pytest.raises(
+        UserError, match="nothing to resume in .*r .no run.json.; run without --resume"
+    ):
         train_and_evaluate(
             cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False
         )
+    interrupt_at_step(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    monkeypatch.undo()
     (tmp_path / "r" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="last.pt is corrupt"):
         train_and_evaluate(
@@ -186,13 +211,30 @@ def test_resume_needs_a_readable_checkpoint(sine_store, tmp_path):
         )
 
 
-def test_checkpoint_of_another_model_is_refused(sine_store, tmp_path):
+def test_resume_with_other_settings_names_the_difference(sine_store, tmp_path):
     cfg, data = tiny(sine_store, tmp_path)
     train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
     cfg2, _ = tiny(sine_store, tmp_path, "model.prior_options={width=16, depth=1}")
-    with pytest.raises(UserError, match="does not fit this model"):
+    with pytest.raises(
+        UserError, match=r"other settings \(model.prior_options.width = 8 in the run, 16 now\)"
+    ):
         train_and_evaluate(
             cfg2, data, "warp", cfg2.model, tmp_path / "r", resume=True, progress=False
+        )
+
+
+def test_checkpoint_of_another_model_is_refused(sine_store, tmp_path, monkeypatch):
+    cfg, data = tiny(sine_store, tmp_path)
+    interrupt_at_step(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(cfg, data, "warp", cfg.model, tmp_path / "r", progress=False)
+    monkeypatch.undo()
+    cfg2, _ = tiny(sine_store, tmp_path, 'model.kind="gru"')
+    train_and_evaluate(cfg2, data, "gru", cfg2.model, tmp_path / "g", progress=False)
+    (tmp_path / "g" / "last.pt").replace(tmp_path / "r" / "last.pt")  # a last.pt of another run
+    with pytest.raises(UserError, match="does not fit this model"):
+        train_and_evaluate(
+            cfg, data, "warp", cfg.model, tmp_path / "r", resume=True, progress=False
         )
 
 

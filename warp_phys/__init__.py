@@ -26,6 +26,8 @@ _LAZY = {
     "store_info": "warp_phys.store",
     "TrajectoryDataset": "warp_phys.store",
     "make_loader": "warp_phys.store",
+    "verify_store": "warp_phys.integrity",
+    "fingerprint": "warp_phys.integrity",
     "WARP": "warp_phys.warp",
     "Forecast": "warp_phys.forecaster",
     "AbstractForecaster": "warp_phys.forecaster",

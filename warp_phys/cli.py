@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import logging
 import re
 import sys
@@ -77,8 +78,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         noise=args.noise,
         progress=not args.quiet,
     )
-    if report.already_complete:
-        print(f"{args.out} is already complete with these arguments; nothing to do")
+    if report.already_complete:  # and every chunk still what was written
+        from warp_phys.integrity import verify_store
+
+        verify_store(args.out)
+        print(f"{args.out} is already complete with these arguments (verified); nothing to do")
     elif report.skipped:
         print(
             f"resumed {args.out}: {report.skipped} chunks were already done, "
@@ -89,9 +93,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from warp_phys.integrity import check_metadata, verify_store
     from warp_phys.store import store_info
 
-    print_summary(store_info(args.path))
+    info = store_info(args.path)
+    check_metadata(args.path)  # no data read; --verify reads every chunk
+    if args.verify:
+        report = verify_store(args.path)
+    print_summary(info)
+    if args.verify:
+        sums = (
+            "every chunk's CRC-32C checksum matched"
+            if report["checksums"]
+            else f"no checksums to check (store format {report['format']}, before format 2)"
+        )
+        print(
+            f"verified: {report['arrays']} arrays, {report['trajectories']} trajectories read; "
+            f"{sums}; shapes as declared, values finite and within their recorded ranges, "
+            f"parameters within their declared ranges; system {info['system']!r} as registered"
+        )
     return 0
 
 
@@ -119,7 +139,7 @@ def print_summary(info: dict) -> None:
     )
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, *, what: str) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
@@ -129,24 +149,38 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), help="train/evaluate on this device")
-    p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from its checkpoints"
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue an interrupted {what} from its checkpoints (same settings and data only)",
+    )
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an earlier {what} in the same place (else that is an error)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _run_config(preset: str | None, args: argparse.Namespace, extra: list[str]):
+def _run_config(
+    preset: str | None,
+    args: argparse.Namespace,
+    values: dict | None = None,
+    *,
+    base_models=None,
+):
     from warp_phys.config import load_config, preset_names
     from warp_phys.system import system_names
 
-    overrides = list(extra)
+    values = dict(values or {})
     if preset and preset not in preset_names() and not preset.endswith(".toml"):
         if preset in system_names():  # a bare system name: defaults on that system
-            overrides = [f"data.system={preset}", f"name={preset}"] + overrides
+            values = {"data.system": preset, "name": preset} | values
             preset = None
     if getattr(args, "device", None):
-        overrides.append(f"train.device={args.device}")
-    return load_config(preset, overrides + args.overrides)
+        values["train.device"] = args.device
+    return load_config(preset, args.overrides, values=values, base_models=base_models)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -154,17 +188,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from warp_phys.run import prepare_data, train_and_evaluate
 
-    extra = [f'model.kind="{args.model}"'] if args.model else []
-    extra += [f'model.prior="{args.prior}"'] if args.prior else []
+    # paths and names are passed as values, never pasted into TOML text
+    values = {"model.kind": args.model} if args.model else {}
+    values |= {"model.prior": args.prior} if args.prior else {}
     if args.data:
-        extra += [f'data.path="{args.data}"']
-    cfg = _run_config(args.preset, args, extra)
-    data = prepare_data(cfg, progress=not args.no_progress)
+        values["data.path"] = args.data
+        if not args.preset:  # the store's own system, unless --set data.system names one
+            values["data.system"] = ""
+    cfg = _run_config(args.preset, args, values)
     label = cfg.model.kind if cfg.model.kind != "warp" else f"warp-{cfg.model.prior}"
     run_dir = Path(args.out) if args.out else Path(cfg.out_dir) / cfg.name / label
+    data = prepare_data(cfg, progress=not args.no_progress)
     res = train_and_evaluate(
-        cfg, data, label, cfg.model, run_dir, resume=args.resume, progress=not args.no_progress
+        cfg,
+        data,
+        label,
+        cfg.model,
+        run_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
+    if res.get("reused"):
+        print(
+            f"{run_dir} already holds this run, finished with these settings and data: its "
+            f"results follow (--overwrite trains it again)"
+        )
+    if "failed" in res:
+        print(f"warp-phys: {label} failed in training: {res['failed']}", file=sys.stderr)
+        print(f"run directory: {run_dir}")
+        return 1
     for split, r in res["metrics"]["splits"].items():
         m = r["model"]
         print(
@@ -190,8 +243,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
 
     run_dir = Path(args.run_dir)
-    cfg, label, _, data, _ = load_run(run_dir)
-    res = evaluate_run(run_dir, data=data, device=args.device)
+    opts = {"data_path": args.data, "allow_unfinished": args.allow_unfinished}
+    cfg, label, _, data, _, _ = load_run(run_dir, **opts)
+    res = evaluate_run(run_dir, data=data, device=args.device, **opts)
     preds = res["predictions"]
     ds = {s: predictions_dataset(data, s, cfg.data.context, {label: preds[s]}) for s in EVAL_SPLITS}
     shutil.rmtree(run_dir / "predictions.zarr", ignore_errors=True)
@@ -201,6 +255,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{label} {split}: forecast MSE {r['model']['mse']:.4g} (median {r['model']['median_mse']:.4g})"
         )
     print(f"wrote {run_dir / 'metrics.json'} and {run_dir / 'predictions.zarr'}")
+    if "unfinished" in res["metrics"]:
+        print(
+            f"warp-phys: warning: {run_dir} had not finished training; these metrics are of its "
+            f"best checkpoint so far and metrics.json is marked unfinished",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -210,11 +270,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from warp_phys.compare import compare
     from warp_phys.report import results_table
 
-    cfg = _run_config(args.target, args, [])
-    summary = compare(cfg, resume=args.resume, progress=not args.no_progress)
+    cfg = _run_config(args.target, args, base_models=_default_models)
+    summary = compare(
+        cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
     print(results_table(summary))
     print(f"outputs in {Path(cfg.out_dir) / cfg.name}")
     return 0
+
+
+def _default_models(data: dict) -> dict:
+    """The default models of a compare on the system of the [data] table (or of its store)."""
+    from warp_phys.compare import default_models
+    from warp_phys.store import store_info
+    from warp_phys.system import get_system
+
+    system = data["system"] or store_info(data["path"])["system"]
+    return default_models(get_system(system))
 
 
 def integer(text: str) -> int:
@@ -226,7 +298,16 @@ def integer(text: str) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line naming the fix, like every other error here."""
+    """ArgumentParser whose errors are one line naming the fix, like every other error here.
+
+    A negative number in any notation (-5, -1e-8, -.5, -inf) is a value, never an option, so
+    that `--atol -1e-8` reaches the check that names the fix."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$", re.IGNORECASE
+        )
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -303,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="summarise a store made by `generate`")
     p.add_argument("path", help="store directory")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every chunk: checksums, declared shapes, finite values within their "
+        "recorded ranges, parameters within their declared ranges",
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -319,8 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prior", help="root-network prior for warp: blackbox, ode, hybrid, ... (see README)"
     )
-    p.add_argument("--out", help="run directory (default runs/out/<name>/<model>)")
-    _add_run_options(p)
+    p.add_argument(
+        "--out", help="run directory (default runs/out/<name>/<model>; never silently replaced)"
+    )
+    _add_run_options(p, what="run")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="re-evaluate a run directory; export predictions")
@@ -328,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dir", help="a directory written by `train` (or a model folder of `compare`)"
     )
     p.add_argument("--device", choices=("cpu", "cuda"), help="evaluate on this device")
+    p.add_argument(
+        "--data", help="the run's store, when it moved (its content must be the one trained on)"
+    )
+    p.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="evaluate a run whose training did not finish (its metrics are marked unfinished)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -338,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         "target",
         nargs="?",
         default="msd_small",
-        help="preset in runs/ or registered system (default msd_small)",
+        help="preset in runs/ (or a .toml path) or registered system (default msd_small)",
     )
-    _add_run_options(p)
+    _add_run_options(p, what="compare")
     p.set_defaults(func=cmd_compare)
     return parser
 
@@ -365,6 +462,34 @@ def tune_allocator() -> None:
     libc.mallopt(m_trim_threshold, 2**30)
 
 
+# faults of the disk or the path, not of the program: one line naming the fix
+_DISK_FAULTS = {
+    errno.ENOSPC: "free some space, or choose a place on another disk",
+    errno.EDQUOT: "free some of your quota, or choose a place on another disk",
+    errno.EROFS: "choose a place on a writable disk",
+    errno.EACCES: "choose a place you may write to, or fix its permissions",
+    errno.EPERM: "choose a place you may write to, or fix its permissions",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EISDIR: "a folder stands where a file should be written: fix the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EFBIG: "the file grew past the size limit of this file system or process",
+    errno.EIO: "the disk reported an input/output error: check it, or use another one",
+}
+
+
+def _disk_fault(err: OSError, args: argparse.Namespace) -> str:
+    where = err.filename or getattr(args, "out", None) or getattr(args, "run_dir", None)
+    where = f" {where}" if where else ""
+    then = {
+        "generate": "then run the same command again (a store cut short resumes where it stopped)",
+        "train": "then rerun with --resume to continue from the last checkpoint",
+        "compare": "then rerun with --resume to continue",
+    }.get(args.command, "then run the command again")
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        return f"cannot write{where}: {err.strerror or err}; {_DISK_FAULTS[err.errno]}"
+    return f"cannot write{where}: {err.strerror or err}; {_DISK_FAULTS[err.errno]}, {then}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return the exit code (argparse's own exits, e.g. --help, included)."""
     tune_allocator()
@@ -380,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"warp-phys: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _DISK_FAULTS:
+            raise
+        print(f"warp-phys: error: {_disk_fault(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

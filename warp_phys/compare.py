@@ -8,18 +8,17 @@ runs/out/<name>/
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from pathlib import Path
 
+from warp_phys.atomic import write_json_atomic, write_text_atomic
 from warp_phys.config import RunConfig
 from warp_phys.errors import UserError
 from warp_phys.report import plot_forecasts, plot_horizon, plot_recovery, results_table
 from warp_phys.run import (
     EVAL_SPLITS,
-    _finite,
-    evaluate_run,
+    plan_run,
     predictions_dataset,
     prepare_data,
     train_and_evaluate,
@@ -63,47 +62,40 @@ def default_models(system) -> dict:
     return models
 
 
-def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train and evaluate every model of `cfg`; write the results, table, plots and predictions."""
-    if not cfg.models:
-        from warp_phys.system import get_system
+def compare(
+    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict:
+    """Train and evaluate every model of `cfg`; write the results, table, plots and predictions.
 
-        cfg = dataclasses.replace(cfg, models=default_models(get_system(cfg.data.system)))
+    Args:
+        resume: continue an interrupted compare: each model's run continues only when its
+            settings and data are the ones recorded (else one error naming the difference), a
+            missing one is trained.
+        overwrite: replace the runs of an earlier compare of the same name (once every
+            model's inputs have been checked).
+
+    Without either, a model already trained in this place with the same settings and data is
+    reused (and said so); a run with other settings, or an unfinished one, is an error.
+    """
     out = Path(cfg.out_dir) / cfg.name
-    if (
-        out.exists()
-        and any(out.iterdir())
-        and not resume
-        and not (out / "results.json").exists()
-        and not any((out / lab / "run.json").exists() for lab in cfg.models)
-    ):
-        raise UserError(
-            f"{out} exists and holds something else; pick another --set name=... or delete it"
-        )
+    _check_output(out)
     data = prepare_data(cfg, progress=progress)
+    if not cfg.models:
+        cfg = dataclasses.replace(cfg, models=default_models(data.system))
+    # every model's run is checked before any is trained: a failing compare writes nothing
+    flags = {
+        label: {"resume": resume and (out / label / "run.json").exists(), "overwrite": overwrite}
+        for label in cfg.models
+    }
+    for label in cfg.models:
+        plan_run(out / label, cfg, cfg.model_for(label), data, **flags[label])
     results, preds = {}, {}
     for label in cfg.models:
-        model_cfg = cfg.model_for(label)
-        run_dir = out / label
-        if resume and (run_dir / "metrics.json").exists():
-            log.info("%s: already done, re-reading its metrics", label)
-            done = json.loads((run_dir / "metrics.json").read_text())
-            train_summary = json.loads((run_dir / "train_summary.json").read_text())
-            if "failed" in done:
-                got = {"failed": done["failed"], "predictions": {}}
-            else:
-                got = evaluate_run(run_dir, cfg=cfg, data=data)
-            got["train"] = train_summary
-        else:
-            got = train_and_evaluate(
-                cfg,
-                data,
-                label,
-                model_cfg,
-                run_dir,
-                resume=resume and (run_dir / "last.pt").exists(),
-                progress=progress,
-            )
+        got = train_and_evaluate(
+            cfg, data, label, cfg.model_for(label), out / label, progress=progress, **flags[label]
+        )
+        if got.get("reused"):
+            log.warning("%s: already trained with these settings and data; reused", label)
         results[label] = summarize(got)
         if "failed" in got:
             log.warning("%s failed: %s", label, got["failed"])
@@ -112,14 +104,15 @@ def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> d
     summary = {
         "name": cfg.name,
         "system": data.system.name,
-        "data": str(data.path),
+        "data": str(Path(data.path).resolve()),
+        "data_fingerprint": data.fingerprint,
         "context": cfg.data.context,
         "noise": data.noise,
         "models": results,
     }
-    (out / "results.json").write_text(json.dumps(_finite(summary), indent=2))
+    write_json_atomic(out / "results.json", summary)
     table = results_table(summary)
-    (out / "results.md").write_text(table)
+    write_text_atomic(out / "results.md", table)
     datasets = {
         s: predictions_dataset(data, s, cfg.data.context, {k: v[s] for k, v in preds.items()})
         for s in EVAL_SPLITS
@@ -130,6 +123,19 @@ def compare(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> d
     plot_horizon(summary, data.times, cfg.data.context, out / "horizon.png")
     plot_recovery(summary, out / "recovery.png")
     return summary
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an output folder that holds something other than a compare."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} is a file; pick another --set name=... or out_dir")
+    ours = (out / "results.json").exists() or any((p / "run.json").exists() for p in out.iterdir())
+    if not ours and any(out.iterdir()):
+        raise UserError(
+            f"{out} exists and holds something else; pick another --set name=... or delete it"
+        )
 
 
 def summarize(got: dict) -> dict:

@@ -43,6 +43,7 @@ class Dataset:
     parameter: tuple[str, ...]
     splits: dict[str, Split]
     noise: float = 0.0  # observation noise, fraction of each state's train std (0: clean)
+    fingerprint: str = ""  # content identity of the store (`integrity.fingerprint`)
     cache: dict = field(default_factory=dict, repr=False)  # results shared by every model
 
     @property
@@ -65,22 +66,37 @@ class Dataset:
         return self.splits["train"].y.mean(dim=(0, 1))
 
 
-def default_path(cfg: DataConfig) -> Path:
+def default_path(cfg: DataConfig, out_dir: str | Path = "runs/out") -> Path:
+    """Where the dataset of a preset without `data.path` is generated: under out_dir/data/."""
     sizes = f"{cfg.n_train}-{cfg.n_val}-{cfg.n_test}-{cfg.n_test_ood}"
     noise = f"-n{cfg.noise:g}" if cfg.noise else ""
-    return Path("runs/out/data") / f"{cfg.system}-{sizes}-s{cfg.seed}{noise}.zarr"
+    return Path(out_dir) / "data" / f"{cfg.system}-{sizes}-s{cfg.seed}{noise}.zarr"
 
 
-def ensure_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
-    """Return the store of `cfg`, generating (or resuming) it when it is not complete."""
+def ensure_dataset(
+    cfg: DataConfig, *, out_dir: str | Path = "runs/out", progress: bool = True
+) -> Path:
+    """Return the store of `cfg`: `data.path`, which must exist, or else the preset's dataset
+    under out_dir/data/, generated (or resumed) when it is not complete.
+
+    A `data.path` is never generated: a mistyped path would otherwise silently become a new
+    default dataset. Stores are made by `warp-phys generate` or by a preset naming its system.
+    """
     from warp_phys.store import generate_store, is_complete
 
-    path = Path(cfg.path) if cfg.path else default_path(cfg)
+    if cfg.path:
+        path = Path(cfg.path)
+        if not path.exists():
+            raise UserError(
+                f"no store at {path} (data.path / --data): check the path, or create it with "
+                f"`warp-phys generate {cfg.system or 'SYSTEM'} --out {path}`"
+            )
+        check_store_noise(path, cfg.noise)
+        return path
+    path = default_path(cfg, out_dir)
     if path.exists() and is_complete(path):
         check_store_noise(path, cfg.noise)
         return path
-    if cfg.path and not path.exists() and not cfg.system:
-        raise UserError(f"dataset {path} does not exist; give data.system to generate it")
     log.info("generating %s into %s", cfg.system, path)
     counts = {
         "train": cfg.n_train,
@@ -116,48 +132,53 @@ def check_store_noise(path: Path, noise: float) -> None:
         )
 
 
-def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
-    """Load the splits of a store into memory."""
-    from warp_phys.store import open_split
+def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS, *, system: str = "") -> Dataset:
+    """Load the splits of a store into memory, checking what is loaded.
 
+    Args:
+        path: a complete store made by `generate`.
+        splits: the splits to load.
+        system: the system the caller expects ("" = the store's own); another is an error.
+
+    Raises:
+        StoreError: the store is incomplete, damaged, relabelled, or holds values that are not
+            finite, outside their recorded range, or parameters outside their declared ranges.
+        UserError: the store holds another system than `system`.
+    """
+    from warp_phys.integrity import check_rows, fingerprint, reading, store_system
+    from warp_phys.store import _open_complete, _splits, open_split
+
+    path = Path(path)
+    root = _open_complete(path)
+    made_by = store_system(path, root, _splits(root))
+    if system and system != made_by.name:
+        raise UserError(
+            f"data.system is {system!r} but the store {path} holds {made_by.name!r} "
+            f"trajectories; give a {system!r} store, or set data.system to {made_by.name!r} "
+            f"(or leave it out with --data)"
+        )
     loaded, first = {}, None
     for split in splits:
         ds = open_split(path, split)
         first = first if first is not None else ds
-        clean = torch.from_numpy(np.asarray(ds["y"].values, dtype=np.float32))
-        obs = ds.get("obs")
+        with reading(path, f"split {split}"):
+            present = [v for v in ("y", "obs", "params", "y0") if v in ds]
+            rows = {v: np.asarray(ds[v].values, dtype=np.float64) for v in present}
+        check_rows(path, split, rows, 0, dict(root[split].attrs), made_by)
+        clean = torch.from_numpy(rows["y"].astype(np.float32))
+        obs = rows.get("obs")
         loaded[split] = Split(
-            y=clean if obs is None else torch.from_numpy(np.asarray(obs.values, dtype=np.float32)),
-            params=np.asarray(ds["params"].values, dtype=np.float64),
+            y=clean if obs is None else torch.from_numpy(obs.astype(np.float32)),
+            params=rows["params"],
             truth=clean,
         )
-    system_name = first.attrs["system"]
-    try:
-        system = get_system(system_name, **_ranges_from_attrs(first.attrs))
-    except UserError as err:
-        raise UserError(
-            f"store {path} was made by system {system_name!r}, which is not available: {err}"
-        ) from None
     return Dataset(
-        path=Path(path),
-        system=system,
+        path=path,
+        system=made_by,
         times=np.asarray(first["time"].values, dtype=np.float64),
         state=tuple(str(s) for s in first["state"].values),
         parameter=tuple(str(p) for p in first["parameter"].values),
         splits=loaded,
         noise=float(first.attrs.get("noise", 0.0)),
+        fingerprint=fingerprint(path),
     )
-
-
-def _ranges_from_attrs(attrs: dict) -> dict:
-    """Rebuild the range overrides a store was generated with, so `in range` checks match it."""
-    out = {}
-    if isinstance(attrs.get("ranges_train"), dict):
-        out["train_ranges"] = {
-            k: tuple(v) for k, v in attrs["ranges_train"].items() if v[0] != v[1]
-        }
-    if isinstance(attrs.get("ranges_test_ood"), dict):
-        out["test_ranges"] = {
-            k: tuple(v) for k, v in attrs["ranges_test_ood"].items() if v[0] != v[1]
-        }
-    return out

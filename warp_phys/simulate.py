@@ -44,6 +44,7 @@ from warp_phys.workers import _Child, default_workers
 DEFAULT_METHOD = "dop853"
 DEFAULT_RTOL = 1e-8
 DEFAULT_ATOL = 1e-8
+MAX_TOLERANCE = 1e-2  # loosest rtol/atol accepted for stored data (`check_tolerances`)
 TORCHDIFFEQ_PREFIX = "torchdiffeq:"
 MIN_WORKER_BATCH = 1024  # trajectories per worker below which a second one does not pay
 LANES = 64  # batches are padded to a multiple of this: >= 2 SIMD registers of float64 anywhere
@@ -90,6 +91,7 @@ def simulate(
     """
     y0, params, ts = _check_inputs(system, y0, params, ts)
     integrator_attrs(method, rtol, atol)  # validates method and tolerances
+    check_tolerances(rtol, atol)
     _check_tolerance(rtol, y0.dtype)
     if workers is not None and not (isinstance(workers, int) and workers >= 1):
         raise UserError(f"workers must be a positive integer or None (all cores); got {workers!r}")
@@ -182,6 +184,20 @@ def _check_inputs(system: System, y0, params, ts) -> tuple[Tensor, Tensor, Tenso
     if bool(bad.any()):
         raise UserError(f"y0 must be finite; trajectory {int(bad.nonzero()[0])} is not")
     return y0.contiguous(), params.to(y0.dtype).contiguous(), ts
+
+
+def check_tolerances(rtol: float, atol: float) -> None:
+    """Raise UserError for tolerances too loose for the stored data to be the system's.
+
+    At a relative or absolute error per step above `MAX_TOLERANCE` an adaptive integrator may
+    change the dynamics it stores (a damped oscillator can gain energy and grow without
+    bound); every built-in system has states of order one, and the default is 1e-8."""
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol > MAX_TOLERANCE:
+            raise UserError(
+                f"{name}={tol:g} is too loose for the data to follow the system (at most "
+                f"{MAX_TOLERANCE:g}); use e.g. --{name} {DEFAULT_RTOL:g}"
+            )
 
 
 def _check_tolerance(rtol: float, dtype: torch.dtype) -> None:

@@ -12,12 +12,24 @@ One store (zarr format 3) per dataset, one group per split:
       _progress/<split>/             done (chunk) marks and per-chunk y_min, y_max (chunk, state);
                                      obs_done with `noise`
 
-Reproducibility: every parameter vector and initial state of a split is drawn up front from
-``SeedSequence([seed, split index])`` and stored before any trajectory is integrated; since
+Reproducibility: the parameter vectors and initial states of a split are one draw from
+``SeedSequence([seed, split index])``, stored before any trajectory is integrated; they are
+drawn and written in blocks (`System.sample_rows` reads any rows of that one draw), so memory
+is bounded by the block whatever the count, with the bytes of a draw of the whole split. Since
 `simulate` gives a trajectory the same values whatever shares its batch, the bytes depend on
 neither `chunk` nor interruptions. Resumability: the skeleton appears at PATH in one rename,
 a chunk's `done` mark is written after its data (zarr's local store writes each file
 atomically), and the root attribute `complete` is set last, after the metadata is consolidated.
+One writer at a time: a writer holds the lock file ``.NAME.lock`` beside the store (released by
+the kernel even on a kill), and removes skeletons (``.NAME.partial-*``) that a killed writer
+left behind.
+
+Integrity (format 2): every chunk carries a CRC-32C checksum (zarr's crc32c codec after zstd),
+so a changed byte is an error when the chunk is read, never a plausible number. Reading checks
+the declared shapes, finite values, y within the value range recorded at writing, y at t0 equal
+to y0, and parameters within their declared ranges and positivity (`check_split`);
+`verify_store` (``warp-phys info --verify``) reads every chunk. `fingerprint` identifies a store's
+content cheaply for the run directories that use it. Format-1 stores (no checksums) still open.
 
 Observation noise (`noise` = σ as a fraction of each state's standard deviation over the train
 split): written after every clean chunk, so that the standard deviation is known. It is computed
@@ -46,12 +58,20 @@ from tqdm.auto import tqdm
 
 from warp_phys import simulate as simulate_module
 from warp_phys.errors import StoreError, UserError
-from warp_phys.simulate import DEFAULT_ATOL, DEFAULT_METHOD, DEFAULT_RTOL, simulate
+from warp_phys.integrity import check_chunks_present, check_shapes, reading
+from warp_phys.places import check_disk_space, check_parent, claim
+from warp_phys.simulate import (
+    DEFAULT_ATOL,
+    DEFAULT_METHOD,
+    DEFAULT_RTOL,
+    check_tolerances,
+    simulate,
+)
 from warp_phys.system import SPLITS, System
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # layout version, bumped when the layout above changes
+FORMAT = 2  # layout version, bumped when the layout above changes (2: CRC-32C per chunk)
 _PROGRESS = "_progress"
 _MARKS_PER_FILE = 1024  # chunk marks per zarr chunk of the _progress arrays
 _SMALL_CHUNK = 65536  # trajectories per zarr chunk of params and y0 (tiny arrays)
@@ -105,16 +125,31 @@ def generate_store(
     _check_arguments(counts, seed, chunk)
     check_noise(noise)
     _integrator_attrs(method, rtol, atol)  # validates the method and tolerances
+    check_tolerances(rtol, atol)
     arguments = _arguments(system, counts, seed, chunk, method, rtol, atol, noise)
-    ts = system.times()  # (T,) float64
-    samples = {split: _sample(system, seed, split, n) for split, n in counts.items()}
-    _probe(system, samples[next(iter(samples))], ts, method=method, rtol=rtol, atol=atol)
+    first = next(iter(counts))
+    _probe(system, _sample(system, seed, first, counts[first], 0, 1), method, rtol, atol)
+    check_parent(path)
 
-    state, total = _existing_state(path, arguments), _n_chunks(counts, chunk)
-    if state == "complete":
+    total = _n_chunks(counts, chunk)
+    if _existing_state(path, arguments) == "complete":
         return GenerateReport(path, written=0, skipped=total, already_complete=True)
-    if state == "new":
-        _create(path, system, arguments, samples)
+    with claim(path):
+        state = _existing_state(path, arguments)  # again: another writer may have finished it
+        if state == "complete":
+            return GenerateReport(path, written=0, skipped=total, already_complete=True)
+        if state == "new":
+            check_disk_space(path, system, counts, noise)
+            _create(path, system, arguments, seed)
+        return _fill(path, system, arguments, progress=progress)
+
+
+def _fill(path: Path, system: System, arguments: dict, *, progress: bool) -> GenerateReport:
+    """Integrate and write every chunk not marked done, then the noise, then finalise."""
+    counts, chunk, seed = arguments["counts"], arguments["chunk"], arguments["seed"]
+    method, rtol, atol = arguments["method"], arguments["rtol"], arguments["atol"]
+    noise, ts = arguments.get("noise", 0.0), system.times()  # (T,) float64
+    total = _n_chunks(counts, chunk)
     root = zarr.open_group(path, mode="r+")
 
     todo = {split: np.flatnonzero(root[_PROGRESS][split]["done"][:] == 0) for split in counts}
@@ -201,17 +236,27 @@ def _arguments(system: System, counts, seed, chunk, method, rtol, atol, noise=0.
     return json.loads(json.dumps(args))  # tuples -> lists, as they come back from zarr
 
 
-def _sample(system: System, seed: int, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw all parameters ``(n, P)`` and initial states ``(n, S)`` of a split, float64."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS.index(split)]))
-    params, y0 = system.sample(rng, n, split)
+def _sample(
+    system: System, seed: int, split: str, n: int, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows lo:hi of a split's parameters ``(n, P)`` and initial states ``(n, S)``, float64.
+
+    Bitwise the rows of ``system.sample(default_rng(SeedSequence([seed, split index])), n)``:
+    the draw of stores of format 1, made block by block."""
+
+    def stream(skip: int) -> np.random.Generator:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS.index(split)]))
+        rng.bit_generator.advance(skip)  # PCG64: one step per float64 uniform
+        return rng
+
+    params, y0 = system.sample_rows(stream, n, split, lo, hi)
     return np.ascontiguousarray(params, np.float64), np.ascontiguousarray(y0, np.float64)
 
 
-def _probe(system: System, sample, ts, *, method: str, rtol: float, atol: float) -> None:
+def _probe(system: System, sample, method: str, rtol: float, atol: float) -> None:
     """Integrate one trajectory over one step: a bad vector field fails before any write."""
     params, y0 = (torch.from_numpy(a[:1]) for a in sample)  # (1, P), (1, S)
-    simulate(system, y0, params, ts[:2], method=method, rtol=rtol, atol=atol)
+    simulate(system, y0, params, system.times()[:2], method=method, rtol=rtol, atol=atol)
 
 
 def _n_chunks(counts: dict[str, int], chunk: int) -> int:
@@ -249,7 +294,7 @@ def _diff(stored, wanted: dict) -> str:
     return "; ".join(f"{k}: stored {stored.get(k)!r}, asked {wanted[k]!r}" for k in shown)
 
 
-def _create(path: Path, system: System, arguments: dict, samples: dict) -> None:
+def _create(path: Path, system: System, arguments: dict, seed: int) -> None:
     """Write the skeleton (coordinates, params, y0, empty y, marks), then move it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -260,9 +305,9 @@ def _create(path: Path, system: System, arguments: dict, samples: dict) -> None:
         meta = {"format": FORMAT, "version": __version__, "arguments": arguments}
         root.attrs.update({"warp_phys": meta, "system": system.name, "complete": False})
         progress = root.create_group(_PROGRESS)
-        for split, (params, y0) in samples.items():
-            _create_split(root.create_group(split), system, split, arguments, params, y0)
-            n_chunks = -(-len(params) // arguments["chunk"])
+        for split, n in arguments["counts"].items():
+            _create_split(root.create_group(split), system, split, arguments, n, seed)
+            n_chunks = -(-n // arguments["chunk"])
             noisy = bool(arguments.get("noise"))
             _create_marks(progress.create_group(split), n_chunks, system.state_dim, noisy)
         if path.exists():
@@ -275,26 +320,39 @@ def _create(path: Path, system: System, arguments: dict, samples: dict) -> None:
 def _array(group, name, data=None, *, shape=None, dtype="f8", dims, chunks=None, fill=np.nan):
     shape = data.shape if data is not None else shape
     kwargs = {"fill_value": fill} if dtype is not str else {}
+    # zstd as zarr's default, then a CRC-32C of the compressed bytes: a damaged chunk is an
+    # error when it is read
+    codecs = (zarr.codecs.ZstdCodec(level=0, checksum=False), zarr.codecs.Crc32cCodec())
     arr = group.create_array(
-        name, shape=shape, dtype=dtype, chunks=chunks or shape, dimension_names=dims, **kwargs
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks or shape,
+        dimension_names=dims,
+        compressors=codecs,
+        **kwargs,
     )
     if data is not None:
         arr[...] = data
     return arr
 
 
-def _create_split(group, system: System, split: str, arguments: dict, params, y0) -> None:
-    n, ts, S = len(params), system.times().numpy(), system.state_dim
+def _create_split(group, system: System, split: str, arguments: dict, n: int, seed: int) -> None:
+    ts, S, P = system.times().numpy(), system.state_dim, len(system.param_names)
     small = min(n, _SMALL_CHUNK)
     for dim, names in (("state", system.state), ("parameter", system.param_names)):
         _array(group, dim, np.array(names, dtype=object), dtype=str, dims=(dim,))
-    traj = np.arange(n, dtype=np.int64)
-    _array(group, "trajectory", traj, dtype="i8", dims=("trajectory",), chunks=(small,), fill=-1)
-    _array(group, "time", ts, dims=("time",))
-    _array(
-        group, "params", params, dims=("trajectory", "parameter"), chunks=(small, params.shape[1])
+    traj = _array(
+        group, "trajectory", shape=(n,), dtype="i8", dims=("trajectory",), chunks=(small,), fill=-1
     )
-    _array(group, "y0", y0, dims=("trajectory", "state"), chunks=(small, S))
+    _array(group, "time", ts, dims=("time",))
+    dims = ("trajectory", "parameter")
+    params = _array(group, "params", shape=(n, P), dims=dims, chunks=(small, P))
+    y0 = _array(group, "y0", shape=(n, S), dims=("trajectory", "state"), chunks=(small, S))
+    for lo in range(0, n, small):  # one zarr chunk at a time: memory bounded by the block
+        hi = min(lo + small, n)
+        traj[lo:hi] = np.arange(lo, hi, dtype=np.int64)
+        params[lo:hi], y0[lo:hi] = _sample(system, seed, split, n, lo, hi)
     chunks = (min(n, arguments["chunk"]), len(ts), S)
     _array(group, "y", shape=(n, len(ts), S), dims=("trajectory", "time", "state"), chunks=chunks)
     if arguments.get("noise"):
@@ -416,8 +474,18 @@ def _open_root(path: Path, *, writing: bool = False):
     try:
         root = zarr.open_group(path, mode="r")
         ours = isinstance(root.attrs.get("warp_phys"), dict)
-    except Exception:  # unreadable metadata, not a zarr group, not a directory
+    except Exception as err:  # unreadable metadata, not a zarr group, not a directory
+        if path.is_dir() and (path / "zarr.json").is_file():
+            raise StoreError(
+                f"store {path} has damaged metadata ({type(err).__name__}); regenerate it or "
+                f"restore a copy"
+            ) from None
         ours = False
+    if ours and not _well_formed(root.attrs["warp_phys"]):
+        raise StoreError(
+            f"store {path} has damaged metadata (its generation arguments are incomplete); "
+            f"regenerate it or restore a copy"
+        )
     if not ours and writing:
         raise StoreError(
             f"{path} exists and is not a warp-phys store; refusing to write into it: "
@@ -426,6 +494,16 @@ def _open_root(path: Path, *, writing: bool = False):
     if not ours:
         raise StoreError(f"{path} is not a warp-phys store (no generate metadata); check the path")
     return root
+
+
+def _well_formed(meta: dict) -> bool:
+    args = meta.get("arguments")
+    return (
+        isinstance(args, dict)
+        and isinstance(args.get("counts"), dict)
+        and isinstance(args.get("description"), dict)
+        and all(k in args for k in ("system", "seed", "chunk", "method", "rtol", "atol"))
+    )
 
 
 def _splits(root) -> list[str]:
@@ -443,7 +521,8 @@ def is_complete(path: str | os.PathLike) -> bool:
 def _open_complete(path: Path):
     root = _open_root(path)
     if root.attrs.get("complete") is not True:
-        marks = [root[_PROGRESS][s]["done"][:] for s in _splits(root)]
+        with reading(path, "its progress marks"):
+            marks = [root[_PROGRESS][s]["done"][:] for s in _splits(root)]
         done, total = sum(int(m.sum()) for m in marks), sum(m.size for m in marks)
         args = root.attrs["warp_phys"]["arguments"]
         raise StoreError(
@@ -481,15 +560,10 @@ def open_split(path: str | os.PathLike, split: str) -> xr.Dataset:
         raise StoreError(
             f"store {path} has no split {split!r}; its splits are {', '.join(_splits(root))}"
         )
-    names = ("y", "params", "y0", "obs") if "obs" in root[split] else ("y", "params", "y0")
-    for var in names:  # a partial copy of a complete store: chunk files missing
-        arr = root[split][var]
-        if arr.nchunks_initialized < arr.nchunks:
-            raise StoreError(
-                f"store {path} is truncated: {split}/{var} has {arr.nchunks_initialized} of "
-                f"{arr.nchunks} chunk files; copy it again, or delete it and generate it again"
-            )
-    return xr.open_zarr(path, group=split, consolidated=True)
+    check_shapes(path, root, split)
+    check_chunks_present(path, root, split)
+    with reading(path, f"split {split}"):
+        return xr.open_zarr(path, group=split, consolidated=True)
 
 
 def to_xarray(path: str | os.PathLike) -> xr.DataTree:
@@ -504,6 +578,11 @@ def store_info(path: str | os.PathLike) -> dict:
     """Summarise a complete store from its metadata (no data is read)."""
     path = Path(path)
     root = _open_complete(path)
+    with reading(path, "its metadata"):
+        return _info(path, root)
+
+
+def _info(path: Path, root) -> dict:
     meta = root.attrs["warp_phys"]
     args = meta["arguments"]
     first = root[_splits(root)[0]]
@@ -548,6 +627,11 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             if split is None:
                 raise UserError(f"give the split to load from {source}; one of {', '.join(SPLITS)}")
             ds = open_split(source, split)
+        where = Path(source) if not isinstance(source, xr.Dataset) else Path("<dataset>")
+        with reading(where, f"split {split or ds.attrs.get('split', '')}"):
+            self._load(ds)
+
+    def _load(self, ds: xr.Dataset) -> None:
         n, T, S = ds["y"].shape
         self.y = torch.empty((n, T, S), dtype=torch.float32)
         step = max(1, ds["y"].encoding.get("chunks", (n,))[0])

@@ -78,6 +78,8 @@ class Fixed:
     def __init__(self, *values: float) -> None:
         object.__setattr__(self, "values", tuple(float(v) for v in values))
 
+    draws_per_row = 0  # random numbers one sampled state consumes
+
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.broadcast_to(
             np.asarray(self.values, dtype=np.float64), (n, len(self.values))
@@ -97,6 +99,10 @@ class Box:
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         low, high = np.asarray(self.low, np.float64), np.asarray(self.high, np.float64)
         return low + (high - low) * rng.random((n, low.size))  # (n, state)
+
+    @property
+    def draws_per_row(self) -> int:  # random numbers one sampled state consumes
+        return len(self.low)
 
     @property
     def values(self) -> tuple[float, ...]:
@@ -159,7 +165,8 @@ class System(ABC):
         train_ranges: Mapping[str, tuple[float, float]] | None = None,
         test_ranges: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
-        params = dict(self.params)
+        declared = dict(self.params)
+        params = dict(declared)
         for which, overrides in (("train", train_ranges), ("test", test_ranges)):
             for pname, rng in (overrides or {}).items():
                 if pname not in params:
@@ -167,7 +174,13 @@ class System(ABC):
                         f"unknown parameter {pname!r} for system {self.name!r}; "
                         f"its parameters are {', '.join(params)}"
                     )
-                params[pname] = replace(params[pname], **{which: _check_range(pname, rng)})
+                lo, hi = _check_range(pname, rng)
+                if declared[pname].is_positive and lo <= 0:
+                    raise UserError(
+                        f"range of parameter {pname!r} must stay above 0 (system {self.name!r} "
+                        f"declares {pname} > 0); got ({lo:g}, {hi:g}): give a positive range"
+                    )
+                params[pname] = replace(params[pname], **{which: (lo, hi)})
         for pname, p in params.items():
             for rng in (p.train, p.test):
                 if rng is not None:
@@ -234,10 +247,28 @@ class System(ABC):
         return (self.y0_test or self.y0) if split == "test_ood" else self.y0
 
     def sample(self, rng: np.random.Generator, n: int, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Draw `n` parameter vectors ``(n, n_params)`` and initial states ``(n, state)``."""
+        """Draw `n` parameter vectors ``(n, n_params)`` and initial states ``(n, state)``.
+
+        The stream is laid out as n x n_params uniforms for the parameters, then the draws of
+        the initial states, row after row: `sample_rows` reads any rows of it alone."""
         lows, highs = np.array(list(self.ranges(split).values()), np.float64).reshape(-1, 2).T
         params = lows + (highs - lows) * rng.random((n, lows.size))  # (n, n_params)
         return params, self.initial_state(self.initial_states(split).sample(rng, n), params)
+
+    def sample_rows(
+        self, stream: Callable[[int], np.random.Generator], n: int, split: str, lo: int, hi: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return rows ``lo:hi`` of ``sample(stream(0), n, split)``, drawing only those rows.
+
+        Memory is O(hi - lo) whatever `n`. `stream(k)` returns a fresh generator of the same
+        seed advanced past k float64 draws (one draw per uniform: `Generator.random`), and
+        `initial_state` acts row by row, so the rows are bitwise those of the whole draw.
+        """
+        lows, highs = np.array(list(self.ranges(split).values()), np.float64).reshape(-1, 2).T
+        P, box = lows.size, self.initial_states(split)
+        params = lows + (highs - lows) * stream(lo * P).random((hi - lo, P))  # (hi-lo, n_params)
+        y0 = box.sample(stream(n * P + lo * box.draws_per_row), hi - lo)  # (hi - lo, state)
+        return params, self.initial_state(y0, params)
 
     def initial_state(self, y0: np.ndarray, params: np.ndarray) -> np.ndarray:
         """Map sampled initial states to the ones used; override when y0 depends on params."""

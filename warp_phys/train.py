@@ -13,11 +13,12 @@ with the reason in train_summary.json (so one diverging model never sinks a whol
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import math
-import os
+import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from warp_phys.atomic import remove_stale_tmp, write_bytes_atomic, write_json_atomic
 from warp_phys.config import ModelConfig, RunConfig, TrainConfig
 from warp_phys.data import Dataset
 from warp_phys.errors import UserError
@@ -33,6 +35,8 @@ from warp_phys.optim import Optimiser
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 10  # non-finite losses in a row that end a run
+LOSSES = ("mse", "nll")  # train.loss: mean squared error, Gaussian negative log-likelihood
+CHECKPOINT_KEYS = {"model", "optimizer", "state", "gen", "batch_rng"}  # what last.pt holds
 
 
 def resolve_device(tcfg: TrainConfig, name: str | None = None) -> torch.device:
@@ -104,21 +108,46 @@ class TrainState:
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write a checkpoint so that a kill at any moment leaves the old or the new file, whole."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write a checkpoint so that a kill at any moment leaves the old or the new file, whole.
+
+    It is serialised in memory first, so that a full disk is an OSError naming the file (torch's
+    own writer would report a bare RuntimeError), and no temporary file stays behind.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint of tensors and plain values; never run code stored in the file.
+
+    `weights_only=True` unpickles tensors, numbers, strings, lists, tuples and dicts only: a file
+    whose pickle asks for anything else (a function to call, a class to build) is refused.
+    """
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; run without --resume to start afresh")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err):  # the pickle names a function or class to load
+            raise UserError(
+                f"checkpoint {path} asks to load code (not only tensors and plain values), so "
+                f"it was not written by warp-phys and is refused unread; delete it and train "
+                f"afresh"
+            ) from None
+        raise UserError(
+            f"checkpoint {path} is corrupt (not a readable checkpoint); delete it and train afresh"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any other failure to unpickle: a damaged file
         raise UserError(
             f"checkpoint {path} is corrupt ({type(err).__name__}); delete it and train afresh"
         ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(
+            f"checkpoint {path} is not a warp-phys checkpoint (no model weights); delete it "
+            f"and train afresh"
+        )
+    return ckpt
 
 
 def load_weights(model: nn.Module, weights: dict, path: Path) -> None:
@@ -156,27 +185,34 @@ def train(
     model_cfg: ModelConfig | None = None,
     resume: bool = False,
     progress: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> dict:
-    """Train one model on `data`; write checkpoints, history and summary to `run_dir`."""
+    """Train one model on `data`; write checkpoints, history and summary to `run_dir`.
+
+    Everything that can be checked (device, context, model, optimiser, the checkpoint to resume
+    from) is checked before anything is written; then `on_start` is called (the run directory
+    records the run there) and training begins.
+    """
     mcfg = model_cfg or cfg.model
     tcfg = cfg.train_for(mcfg)
     device = resolve_device(tcfg)
     check_context(cfg.data.context, data.n_steps)
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg, data).to(device)
     opt = Optimiser(tcfg, [p for p in model.parameters() if p.requires_grad])
     state = TrainState()
     gen = torch.Generator(device=device).manual_seed(tcfg.seed)
     batch_rng = torch.Generator().manual_seed(tcfg.seed + 1)
+    if tcfg.loss == "nll":
+        _check_predicts_std(model, data.splits["train"].y[:1].to(device), data.n_steps)
     if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        load_weights(model, ckpt["model"], run_dir / "last.pt")
-        opt.load_state_dict(ckpt["optimizer"])
-        state = TrainState(**ckpt["state"])
-        gen.set_state(ckpt["gen"])
-        batch_rng.set_state(ckpt["batch_rng"])
+        state = _resume(run_dir / "last.pt", model, opt, gen, batch_rng)
         log.info("resumed %s at step %d", run_dir, state.step)
+    if on_start is not None:
+        on_start()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_tmp(run_dir):
+        log.info("removed %s, left by an interrupted write", stale)
     train_y = data.splits["train"].y.to(device)
     val_y = data.splits["val"].y[: tcfg.n_val_eval].to(device)
     scale = data.scale().to(device)
@@ -255,6 +291,40 @@ def train(
     return _write_summary(run_dir, state, model, mcfg, stopped)
 
 
+def _check_predicts_std(model: nn.Module, ys: Tensor, n_steps: int) -> None:
+    """Raise UserError when the Gaussian NLL loss is asked of a model that predicts no std
+    (one teacher-forced pass over one trajectory; the random streams are left as they were)."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[ys.device] if ys.is_cuda else []):
+        std = model(ys, context=n_steps).std
+    if std is None:
+        raise UserError(
+            "train.loss = 'nll' needs a root that predicts a std (prior option predict_std = "
+            "true); use train.loss = 'mse' for this model"
+        )
+
+
+def _resume(path: Path, model, opt, gen, batch_rng) -> TrainState:
+    """Load last.pt into the model, optimiser and generators; return the training state."""
+    ckpt = load_checkpoint(path)
+    if set(ckpt) != CHECKPOINT_KEYS:
+        raise UserError(
+            f"checkpoint {path} is not a last.pt of this warp-phys version (keys "
+            f"{sorted(ckpt)}, expected {sorted(CHECKPOINT_KEYS)}); train afresh with --overwrite"
+        )
+    load_weights(model, ckpt["model"], path)
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+        state = TrainState(**ckpt["state"])
+        gen.set_state(ckpt["gen"])
+        batch_rng.set_state(ckpt["batch_rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(
+            f"checkpoint {path} does not fit this run ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); train afresh with --overwrite"
+        ) from None
+    return state
+
+
 def _keep_if_best(run_dir: Path, model: nn.Module, state: TrainState, val: float) -> None:
     """Save best.pt when `val` beats the best so far (an inf score never wins, but keep one)."""
     if val < state.best_val or state.best_step < 0:
@@ -300,8 +370,8 @@ def _write_summary(
         "skipped_batches": state.skipped,
         "stopped": stopped,
     }
-    (run_dir / "history.json").write_text(json.dumps(state.history))
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(run_dir / "history.json", state.history, indent=None)
+    write_json_atomic(run_dir / "train_summary.json", summary)
     _plot_loss(run_dir, state.history)
     return summary
 
