@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 
 SINE_COUNTS = {"train": 8, "val": 4, "test": 4, "test_ood": 4}
 TINY_TRAIN = [
-    "--model", "gru", "--no-progress",
+    "--model", "gru", "--quiet",
     "--set", "train.steps=2", "--set", "train.eval_every=2", "--set", "train.batch_size=4",
     "--set", "model.hidden=4", "--set", "data.context=6",
 ]  # fmt: skip
@@ -395,7 +395,7 @@ def compare_argv(out_dir: Path, *extra) -> list:
     """A compare of a GRU and an LSTM on a tiny sine dataset, from a preset file in out_dir."""
     preset = out_dir / "tiny.toml"
     preset.write_text(TINY_COMPARE)
-    return ["compare", preset, "--no-progress", "--set", f"out_dir={json.dumps(str(out_dir))}", *extra]  # fmt: skip
+    return ["compare", preset, "--quiet", "--set", f"out_dir={json.dumps(str(out_dir))}", *extra]  # fmt: skip
 
 
 def test_compare_never_takes_other_settings_for_done(tmp_path, capsys):
@@ -713,7 +713,7 @@ def test_a_value_outside_its_range_is_one_line(setting, sine, tmp_path, capsys):
 def test_a_bad_preset_file_is_one_line(preset, tmp_path, capsys):
     path = tmp_path / "mine.toml"
     path.write_text(preset)
-    rc, _, err = cli(capsys, "compare", path, "--no-progress")
+    rc, _, err = cli(capsys, "compare", path, "--quiet")
     one_line(rc, err)
     assert not (tmp_path / "runs").exists()
 

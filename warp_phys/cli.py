@@ -160,7 +160,20 @@ def _add_run_options(p: argparse.ArgumentParser, *, what: str) -> None:
         action="store_true",
         help=f"replace an earlier {what} in the same place (else that is an error)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_quiet(p)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    """The one quiet flag, the same for every verb."""
+    p.add_argument(
+        "-q", "--quiet", action="store_true",
+        help="no progress bars or progress lines (only results and errors)",
+    )  # fmt: skip
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """False with --quiet; else None: a bar on a terminal, one line per evaluation otherwise."""
+    return False if args.quiet else None
 
 
 def _run_config(
@@ -186,7 +199,7 @@ def _run_config(
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from warp_phys.run import prepare_data, train_and_evaluate
+    from warp_phys.run import prepare_data, show_bars, train_and_evaluate
 
     # paths and names are passed as values, never pasted into TOML text
     values = {"model.kind": args.model} if args.model else {}
@@ -198,7 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _run_config(args.preset, args, values)
     label = cfg.model.kind if cfg.model.kind != "warp" else f"warp-{cfg.model.prior}"
     run_dir = Path(args.out) if args.out else Path(cfg.out_dir) / cfg.name / label
-    data = prepare_data(cfg, progress=not args.no_progress)
+    data = prepare_data(cfg, progress=show_bars(_progress(args)))
     res = train_and_evaluate(
         cfg,
         data,
@@ -207,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir,
         resume=args.resume,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=_progress(args),
     )
     if res.get("reused"):
         print(
@@ -220,12 +233,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     for split, r in res["metrics"]["splits"].items():
         m = r["model"]
+        refs = {k: v["mse"] for k, v in r["references"].items() if "mse" in v}
+        best = min(refs, key=refs.get)
         print(
-            f"{label} {split}: forecast MSE {m['mse']:.4g} (median {m['median_mse']:.4g}), "
-            f"linear-fit reference {r['references']['linear_fit']['mse']:.4g}"
+            f"{label} {split}: forecast MSE {m['mse']:.4g} (median {m['median_mse']:.4g}); "
+            f"best reference {best} {refs[best]:.4g}"
         )
     if res["train"]["stopped"]:
         print(f"{label}: training stopped early: {res['train']['stopped']}")
+    tcfg = cfg.train_for(cfg.model)
+    if tcfg.max_seconds and res["train"]["train_seconds"] >= 0.99 * tcfg.max_seconds:
+        print(
+            f"{label}: trained for the {tcfg.max_seconds:g} s budget ({res['train']['steps']} "
+            f"steps); for longer, --set train.max_seconds={4 * tcfg.max_seconds:g}"
+        )
     print(f"run directory: {run_dir}")
     return 0
 
@@ -271,9 +292,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from warp_phys.report import results_table
 
     cfg = _run_config(args.target, args, base_models=_default_models)
-    summary = compare(
-        cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
-    )
+    summary = compare(cfg, resume=args.resume, overwrite=args.overwrite, progress=_progress(args))
     print(results_table(summary))
     print(f"outputs in {Path(cfg.out_dir) / cfg.name}")
     return 0
@@ -379,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Gaussian observation noise, as a fraction of each state's std over the train "
         "split (stored as `obs` beside the clean `y`; default 0)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_quiet(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="summarise a store made by `generate`")
@@ -501,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
+    if not getattr(args, "quiet", True) and not sys.stderr.isatty():
+        # no terminal for a bar: training says one line per evaluation instead
+        logging.getLogger("warp_phys.train").setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except UserError as err:

@@ -21,6 +21,7 @@ from warp_phys.run import (
     plan_run,
     predictions_dataset,
     prepare_data,
+    show_bars,
     train_and_evaluate,
     write_predictions,
 )
@@ -63,7 +64,11 @@ def default_models(system) -> dict:
 
 
 def compare(
-    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
 ) -> dict:
     """Train and evaluate every model of `cfg`; write the results, table, plots and predictions.
 
@@ -79,7 +84,7 @@ def compare(
     """
     out = Path(cfg.out_dir) / cfg.name
     _check_output(out)
-    data = prepare_data(cfg, progress=progress)
+    data = prepare_data(cfg, progress=show_bars(progress))
     if not cfg.models:
         cfg = dataclasses.replace(cfg, models=default_models(data.system))
     # every model's run is checked before any is trained: a failing compare writes nothing

@@ -1,15 +1,16 @@
-"""Tables and figures of a compare run (matplotlib, Agg backend)."""
+"""Tables and figures of a compare run.
+
+Figures are drawn with `matplotlib.figure.Figure` objects, never pyplot: importing this
+module or saving a plot leaves the process's matplotlib backend as it was (a notebook keeps
+its inline backend)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure
 
 REFERENCES = ("persistence", "zero", "mean", "linear_fit", "ode_fit")
 
@@ -122,7 +123,8 @@ def plot_forecasts(ds: xr.Dataset, path: Path, n: int = 3) -> None:
     states = list(ds.state.values)
     L = int(ds.attrs["context"])
     t = ds.time.values
-    fig, axes = plt.subplots(n, len(states), figsize=(4.5 * len(states), 2.4 * n), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(states), 2.4 * n))
+    axes = fig.subplots(n, len(states), squeeze=False)
     picks = np.linspace(0, ds.sizes["trajectory"] - 1, n).astype(int)
     for row, i in enumerate(picks):
         for col, s in enumerate(states):
@@ -149,12 +151,12 @@ def plot_forecasts(ds: xr.Dataset, path: Path, n: int = 3) -> None:
     fig.suptitle(f"{ds.attrs['system']} ({ds.attrs['split']}), example forecasts", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_horizon(summary: dict, times: np.ndarray, context: int, path: Path) -> None:
     """Forecast MSE against horizon (steps after the context), per model, test and test_ood."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, split in zip(axes, ("test", "test_ood"), strict=True):
         for label, res in summary["models"].items():
             if "failed" in res:
@@ -167,7 +169,6 @@ def plot_horizon(summary: dict, times: np.ndarray, context: int, path: Path) -> 
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_recovery(summary: dict, path: Path) -> None:
@@ -179,12 +180,14 @@ def plot_recovery(summary: dict, path: Path) -> None:
         for name, r in res["splits"][split]["recovery"].items()
     ]
     if not items:
-        fig, ax = plt.subplots(figsize=(4, 2))
+        fig = Figure(figsize=(4, 2))
+        ax = fig.subplots()
         ax.text(0.5, 0.5, "no model recovers physical parameters", ha="center", va="center")
         ax.axis("off")
     else:
         names = sorted({(lab, name) for lab, _, name, _ in items})
-        fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.6), squeeze=False)
+        fig = Figure(figsize=(3.8 * len(names), 3.6))
+        axes = fig.subplots(1, len(names), squeeze=False)
         for ax, (lab, name) in zip(axes[0], names, strict=True):
             for l2, split, n2, r in items:
                 if (l2, n2) == (lab, name):
@@ -200,4 +203,3 @@ def plot_recovery(summary: dict, path: Path) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import uuid
 import warnings
 from datetime import UTC, datetime
@@ -40,7 +41,7 @@ from warp_phys.data import Dataset, ensure_dataset, load_dataset
 from warp_phys.errors import UserError
 from warp_phys.evaluate import evaluate_split
 from warp_phys.models import build_model
-from warp_phys.train import load_checkpoint, load_weights, resolve_device, train
+from warp_phys.train import load_checkpoint, load_weights, resolve_device, torch_threads, train
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("test", "test_ood")
@@ -51,6 +52,11 @@ RUN_FILES = (
     "run.json", "config.toml", "best.pt", "last.pt", "history.json", "loss.png",
     "train_summary.json", "metrics.json", "predictions.zarr",
 )  # fmt: skip
+
+
+def show_bars(progress: bool | None) -> bool:
+    """Progress bars: as asked, or (None) only when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else progress
 
 
 def prepare_data(cfg: RunConfig, *, progress: bool = True) -> Dataset:
@@ -144,7 +150,7 @@ def train_and_evaluate(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict:
     """Train `model_cfg` on `data` in `run_dir`, evaluate the best checkpoint, write metrics.json.
 
@@ -412,10 +418,11 @@ def evaluate_run(
     model.to(dev)
     L = cfg.data.context
     results, preds = {}, {}
-    for split in EVAL_SPLITS:
-        out = evaluate_split(model, data, split, L, device=dev)
-        results[split] = out["metrics"]
-        preds[split] = (out["mean"], out["std"])
+    with torch_threads(cfg.train.threads):
+        for split in EVAL_SPLITS:
+            out = evaluate_split(model, data, split, L, device=dev)
+            results[split] = out["metrics"]
+            preds[split] = (out["mean"], out["std"])
     n_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
     metrics = {
         "label": label,

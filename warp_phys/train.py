@@ -1,4 +1,12 @@
-"""Training loop: two phases, model selection on val, atomic checkpoints, resume.
+"""Training loop: two phases, model selection on val, optional atomic checkpoints, resume.
+
+    result = fit(model, data, context=100, config=TrainConfig(max_seconds=120))
+    result.model        # the model, trained, with its best validation weights
+    result.history      # one record per step (loss, phase, time; val every eval_every)
+
+`fit` takes any forecaster (a hand-built `WARP`, a GRU, ...) and returns it trained; with
+`run_dir` it also writes checkpoints, history and a loss plot there and can resume. `train`
+builds the model of a `RunConfig` and fits it in a run directory (what the CLI runs).
 
 Phase 1 (the first `teacher_forced_fraction` of the run) feeds ground truth everywhere, so a
 WARP model computes all hidden states with the parallel scan and the one-step loss covers
@@ -13,12 +21,15 @@ with the reason in train_summary.json (so one diverging model never sinks a whol
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
 import pickle
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +41,7 @@ from warp_phys.atomic import remove_stale_tmp, write_bytes_atomic, write_json_at
 from warp_phys.config import ModelConfig, RunConfig, TrainConfig
 from warp_phys.data import Dataset
 from warp_phys.errors import UserError
+from warp_phys.forecaster import AbstractForecaster
 from warp_phys.models import build_model
 from warp_phys.optim import Optimiser
 
@@ -40,7 +52,7 @@ CHECKPOINT_KEYS = {"model", "optimizer", "state", "gen", "batch_rng"}  # what la
 
 
 def resolve_device(tcfg: TrainConfig, name: str | None = None) -> torch.device:
-    """Return the torch device of a run (and set the CPU thread count it asks for)."""
+    """Return the torch device of a run."""
     name = name or tcfg.device
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(
@@ -48,10 +60,21 @@ def resolve_device(tcfg: TrainConfig, name: str | None = None) -> torch.device:
         )
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"unknown device {name!r}; use cpu or cuda")
-    if tcfg.threads > 0:
-        # small models on a busy 2-core machine: a second OpenMP thread costs up to 10x
-        torch.set_num_threads(tcfg.threads)
     return torch.device(name)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch CPU threads (0: leave torch's setting), then restore it.
+
+    Small models on a busy 2-core machine: a second OpenMP thread costs up to 10x."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_context(context: int, n_steps: int) -> None:
@@ -177,6 +200,70 @@ def val_score(model: nn.Module, ys: Tensor, scale: Tensor, context: int, batch: 
     return total / len(ys) if math.isfinite(total) else math.inf
 
 
+@dataclass
+class FitResult:
+    """What `fit` returns: the trained model (best validation weights), its history, summary."""
+
+    model: AbstractForecaster
+    history: list[dict]
+    summary: dict
+
+
+def fit(
+    model: AbstractForecaster,
+    data: Dataset,
+    *,
+    context: int,
+    config: TrainConfig | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> FitResult:
+    """Train `model` on `data` (forecasts after `context` steps); return it trained.
+
+    Selection on the validation split: the returned model carries the weights of the best
+    validation score (the untrained model included). With `run_dir`, checkpoints (best.pt,
+    last.pt), history.json, train_summary.json and loss.png are written there, and `resume`
+    continues from last.pt; without it nothing touches the disk. Everything that can be
+    checked (device, context, data size, optimiser, the checkpoint to resume from) is
+    checked before anything is written; then `on_start` is called and training begins.
+    Progress: a bar on a terminal (`progress=None`: when stderr is one), else one log line
+    per evaluation (logger ``warp_phys.train``, level INFO). Torch's CPU thread count is set
+    for the run only.
+    """
+    tcfg = config or TrainConfig()
+    if not isinstance(model, AbstractForecaster):
+        raise TypeError(
+            f"fit needs a forecaster (warp_phys.forecaster); got {type(model).__name__}"
+        )
+    if data.state_dim != model.state_dim:
+        raise ValueError(
+            f"the model forecasts {model.state_dim} states but the data has {data.state_dim} "
+            f"({', '.join(data.state)}); build the model with state_dim={data.state_dim}"
+        )
+    device = resolve_device(tcfg)
+    check_context(context, data.n_steps)
+    with torch_threads(tcfg.threads):
+        model.to(device)
+        loop = _Loop(model, data, context, tcfg, run_dir, device)
+        if tcfg.loss == "nll":
+            _check_predicts_std(model, data.splits["train"].y[:1].to(device), data.n_steps)
+        if resume:
+            if run_dir is None:
+                raise UserError("resume needs the run directory to resume from (run_dir=...)")
+            loop.state = _resume(run_dir / "last.pt", model, loop.opt, loop.gen, loop.batch_rng)
+            log.info("resumed %s at step %d", run_dir, loop.state.step)
+        if on_start is not None:
+            on_start()
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_tmp(run_dir):
+                log.info("removed %s, left by an interrupted write", stale)
+        summary = loop.run(_show_bar(progress))
+    return FitResult(model=model, history=loop.state.history, summary=summary)
+
+
 def train(
     cfg: RunConfig,
     data: Dataset,
@@ -184,111 +271,162 @@ def train(
     *,
     model_cfg: ModelConfig | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     on_start: Callable[[], None] | None = None,
 ) -> dict:
-    """Train one model on `data`; write checkpoints, history and summary to `run_dir`.
-
-    Everything that can be checked (device, context, model, optimiser, the checkpoint to resume
-    from) is checked before anything is written; then `on_start` is called (the run directory
-    records the run there) and training begins.
-    """
+    """Build the model of `cfg` (or `model_cfg`), fit it in `run_dir`; return the summary."""
     mcfg = model_cfg or cfg.model
     tcfg = cfg.train_for(mcfg)
-    device = resolve_device(tcfg)
-    check_context(cfg.data.context, data.n_steps)
     torch.manual_seed(tcfg.seed)
-    model = build_model(mcfg, data).to(device)
-    opt = Optimiser(tcfg, [p for p in model.parameters() if p.requires_grad])
-    state = TrainState()
-    gen = torch.Generator(device=device).manual_seed(tcfg.seed)
-    batch_rng = torch.Generator().manual_seed(tcfg.seed + 1)
-    if tcfg.loss == "nll":
-        _check_predicts_std(model, data.splits["train"].y[:1].to(device), data.n_steps)
-    if resume:
-        state = _resume(run_dir / "last.pt", model, opt, gen, batch_rng)
-        log.info("resumed %s at step %d", run_dir, state.step)
-    if on_start is not None:
-        on_start()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_tmp(run_dir):
-        log.info("removed %s, left by an interrupted write", stale)
-    train_y = data.splits["train"].y.to(device)
-    val_y = data.splits["val"].y[: tcfg.n_val_eval].to(device)
-    scale = data.scale().to(device)
-    T, L = data.n_steps, cfg.data.context
-    bar = tqdm(
-        total=tcfg.steps, initial=state.step, disable=not progress, desc=run_dir.name, leave=False
-    )
-    if state.step == 0 and not state.history:  # the initial model is a candidate too
-        val0 = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
-        state.history.append({"step": 0, "phase": "init", "time": 0.0, "val": val0})
-        _keep_if_best(run_dir, model, state, val0)
-    start = time.perf_counter() - state.elapsed
-    stopped, in_a_row = "", 0
-    while state.step < tcfg.steps:
-        frac = _progress(tcfg, state.step, time.perf_counter() - start)
-        if frac >= 1.0:
-            break
-        idx = torch.randint(
-            len(train_y), (min(tcfg.batch_size, len(train_y)),), generator=batch_rng
+    model = build_model(mcfg, data)
+    got = fit(
+        model, data, context=cfg.data.context, config=tcfg, run_dir=run_dir, resume=resume,
+        progress=progress, on_start=on_start,
+    )  # fmt: skip
+    return got.summary
+
+
+def _show_bar(progress: bool | None) -> bool:
+    """A progress bar only on a terminal: piped to a file, one log line per evaluation."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
+class _Loop:
+    """One training run: optimiser, random streams, state, selection, checkpoints."""
+
+    def __init__(self, model, data: Dataset, context: int, tcfg: TrainConfig, run_dir, device):
+        self.model, self.tcfg, self.run_dir, self.L = model, tcfg, run_dir, context
+        self.name = run_dir.name if run_dir is not None else type(model).__name__
+        self.opt = Optimiser(tcfg, [p for p in model.parameters() if p.requires_grad])
+        self.state = TrainState()
+        self.gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+        self.batch_rng = torch.Generator().manual_seed(tcfg.seed + 1)
+        self.train_y = data.splits["train"].y.to(device)
+        self.val_y = data.splits["val"].y[: tcfg.n_val_eval].to(device)
+        self.scale = data.scale().to(device)
+        self.T, self.device = data.n_steps, device
+        self.best_weights = None  # in memory when there is no run directory
+
+    def val(self) -> float:
+        return val_score(self.model, self.val_y, self.scale, self.L, 4 * self.tcfg.batch_size)
+
+    def keep_if_best(self, val: float) -> None:
+        """Keep the weights when `val` beats the best so far (an inf score never wins, but one
+        is always kept): best.pt in the run directory, else a copy in memory."""
+        state = self.state
+        if val < state.best_val or state.best_step < 0:
+            state.best_val, state.best_step = val, state.step
+            weights = self.model.state_dict()
+            if self.run_dir is None:
+                self.best_weights = copy.deepcopy(weights)
+            else:
+                save_atomic({"model": weights, "step": state.step}, self.run_dir / "best.pt")
+
+    def checkpoint(self) -> None:
+        if self.run_dir is not None:
+            _checkpoint(self.run_dir, self.model, self.opt, self.state, self.gen, self.batch_rng)
+
+    def run(self, bar_on: bool) -> dict:
+        tcfg, state, model = self.tcfg, self.state, self.model
+        budget = tcfg.max_seconds > 0
+        bar = tqdm(
+            total=100 if budget else tcfg.steps,
+            initial=0 if budget else state.step,
+            disable=not bar_on,
+            desc=self.name,
+            leave=False,
+            unit="%" if budget else "step",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]"
+            if budget
+            else None,
         )
-        teacher = frac < tcfg.teacher_forced_fraction
-        p = _teacher_prob(tcfg, frac)
-        loss = step_loss(
-            model,
-            train_y[idx.to(device)],
-            scale,
-            context=T if teacher else L,
-            teacher_prob=0.0 if teacher else p,
-            generator=gen,
-            loss=tcfg.loss,
-            penalty_weight=tcfg.penalty_weight,
-            horizon=0 if teacher else tcfg.loss_horizon,
-        )
-        # a loss or gradient that is not finite (a rollout that blew up): skip the batch
-        if not (torch.isfinite(loss) and opt.step(loss, frac)):
-            state.skipped += 1
-            in_a_row += 1
-            log.warning(
-                "%s: step %d: non-finite loss or gradient (loss %s), batch skipped (%d so far)",
-                run_dir.name, state.step, loss.item(), state.skipped,
-            )  # fmt: skip
-            if in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                stopped = (
-                    f"non-finite loss or gradient on {in_a_row} batches in a row at step "
-                    f"{state.step}; the best checkpoint (step {state.best_step}) is evaluated"
-                )
+        if state.step == 0 and not state.history:  # the initial model is a candidate too
+            val0 = self.val()
+            state.history.append({"step": 0, "phase": "init", "time": 0.0, "val": val0})
+            self.keep_if_best(val0)
+        start = time.perf_counter() - state.elapsed
+        stopped, in_a_row = "", 0
+        while state.step < tcfg.steps:
+            frac = _progress(tcfg, state.step, time.perf_counter() - start)
+            if frac >= 1.0:
                 break
-            continue
-        in_a_row = 0
-        loss = loss.item()
-        state.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3g}", phase="tf" if teacher else f"ar p={p:.2f}")
-        record = {
-            "step": state.step,
-            "loss": loss,
-            "phase": "teacher" if teacher else "auto",
-            "time": time.perf_counter() - start,
-        }
-        if state.step % tcfg.eval_every == 0 or state.step == tcfg.steps:
-            record["val"] = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
-            _keep_if_best(run_dir, model, state, record["val"])
-        state.history.append(record)
-        state.elapsed = time.perf_counter() - start
-        if "val" in record:
-            _checkpoint(run_dir, model, opt, state, gen, batch_rng)
-    bar.close()
-    if state.best_step < 0 or state.history and "val" not in state.history[-1]:
-        record_val = val_score(model, val_y, scale, L, 4 * tcfg.batch_size)
-        if state.history:
-            state.history[-1]["val"] = record_val
-        _keep_if_best(run_dir, model, state, record_val)
-    _checkpoint(run_dir, model, opt, state, gen, batch_rng)
-    if stopped:
-        log.warning("%s: training stopped early: %s", run_dir.name, stopped)
-    return _write_summary(run_dir, state, model, mcfg, stopped)
+            idx = torch.randint(
+                len(self.train_y), (min(tcfg.batch_size, len(self.train_y)),),
+                generator=self.batch_rng,
+            )  # fmt: skip
+            teacher = frac < tcfg.teacher_forced_fraction
+            p = _teacher_prob(tcfg, frac)
+            loss = step_loss(
+                model,
+                self.train_y[idx.to(self.device)],
+                self.scale,
+                context=self.T if teacher else self.L,
+                teacher_prob=0.0 if teacher else p,
+                generator=self.gen,
+                loss=tcfg.loss,
+                penalty_weight=tcfg.penalty_weight,
+                horizon=0 if teacher else tcfg.loss_horizon,
+            )
+            # a loss or gradient that is not finite (a rollout that blew up): skip the batch
+            if not (torch.isfinite(loss) and self.opt.step(loss, frac)):
+                state.skipped += 1
+                in_a_row += 1
+                log.warning(
+                    "%s: step %d: non-finite loss or gradient (loss %s), batch skipped (%d so far)",
+                    self.name, state.step, loss.item(), state.skipped,
+                )  # fmt: skip
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    stopped = (
+                        f"non-finite loss or gradient on {in_a_row} batches in a row at step "
+                        f"{state.step}; the best checkpoint (step {state.best_step}) is evaluated"
+                    )
+                    break
+                continue
+            in_a_row = 0
+            loss = loss.item()
+            state.step += 1
+            now = time.perf_counter() - start
+            if budget:
+                bar.update(100 * _progress(tcfg, state.step, now) - bar.n)
+            else:
+                bar.update(1)
+            bar.set_postfix_str(
+                f"step {state.step}, loss {loss:.3g}, " + ("tf" if teacher else f"ar p={p:.2f}")
+            )
+            record = {
+                "step": state.step,
+                "loss": loss,
+                "phase": "teacher" if teacher else "auto",
+                "time": now,
+            }
+            if state.step % tcfg.eval_every == 0 or state.step == tcfg.steps:
+                record["val"] = self.val()
+                self.keep_if_best(record["val"])
+                log.info(
+                    "%s: step %d, %.0f s, loss %.3g, val %.3g (best %.3g at step %d)",
+                    self.name, state.step, now, loss, record["val"], state.best_val,
+                    state.best_step,
+                )  # fmt: skip
+            state.history.append(record)
+            state.elapsed = time.perf_counter() - start
+            if "val" in record:
+                self.checkpoint()
+        bar.close()
+        if state.best_step < 0 or state.history and "val" not in state.history[-1]:
+            record_val = self.val()
+            if state.history:
+                state.history[-1]["val"] = record_val
+            self.keep_if_best(record_val)
+        self.checkpoint()
+        if stopped:
+            log.warning("%s: training stopped early: %s", self.name, stopped)
+        summary = _summary(state, model, stopped)
+        if self.run_dir is not None:
+            _write_run_files(self.run_dir, state, summary)
+            load_weights(model, load_checkpoint(self.run_dir / "best.pt")["model"], "best.pt")
+        elif self.best_weights is not None:
+            model.load_state_dict(self.best_weights)
+        return summary
 
 
 def _check_predicts_std(model: nn.Module, ys: Tensor, n_steps: int) -> None:
@@ -325,13 +463,6 @@ def _resume(path: Path, model, opt, gen, batch_rng) -> TrainState:
     return state
 
 
-def _keep_if_best(run_dir: Path, model: nn.Module, state: TrainState, val: float) -> None:
-    """Save best.pt when `val` beats the best so far (an inf score never wins, but keep one)."""
-    if val < state.best_val or state.best_step < 0:
-        state.best_val, state.best_step = val, state.step
-        save_atomic({"model": model.state_dict(), "step": state.step}, run_dir / "best.pt")
-
-
 def _progress(tcfg: TrainConfig, step: int, elapsed: float) -> float:
     frac = step / max(tcfg.steps, 1)
     if tcfg.max_seconds > 0:
@@ -358,10 +489,8 @@ def _checkpoint(run_dir, model, opt, state, gen, batch_rng) -> None:
     )
 
 
-def _write_summary(
-    run_dir: Path, state: TrainState, model: nn.Module, mcfg: ModelConfig, stopped: str = ""
-) -> dict:
-    summary = {
+def _summary(state: TrainState, model: nn.Module, stopped: str = "") -> dict:
+    return {
         "steps": state.step,
         "train_seconds": state.elapsed,
         "best_val": state.best_val,
@@ -370,21 +499,21 @@ def _write_summary(
         "skipped_batches": state.skipped,
         "stopped": stopped,
     }
+
+
+def _write_run_files(run_dir: Path, state: TrainState, summary: dict) -> None:
     write_json_atomic(run_dir / "history.json", state.history, indent=None)
     write_json_atomic(run_dir / "train_summary.json", summary)
     _plot_loss(run_dir, state.history)
-    return summary
 
 
 def _plot_loss(run_dir: Path, history: list[dict]) -> None:
     if not history:
         return
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the process's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     trained = [h for h in history if "loss" in h]
     ax.semilogy(
         [h["step"] for h in trained], [h["loss"] for h in trained], lw=0.6, alpha=0.7,
@@ -400,4 +529,3 @@ def _plot_loss(run_dir: Path, history: list[dict]) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png", dpi=120)
-    plt.close(fig)
