@@ -54,8 +54,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from warp_phys.priors.blackbox import BlackBoxRoot  # noqa: E402
 
-from priors.blackbox import BlackBoxRoot  # noqa: E402
 from warp_phys.runtime import GPU_PRECISION, Runtime  # noqa: E402
 from warp_phys.scan import DenseOp, choose_method, scan, scan_reference  # noqa: E402
 from warp_phys.warp import WARP  # noqa: E402

@@ -89,7 +89,10 @@ for name, result in fitted.items():
 # %% 6. Plot one forecast
 ys = data.splits["test_ood"].truth[:1]
 with torch.no_grad():
-    preds = {k: r.model(data.splits["test_ood"].y[:1], context=context).mean[0] for k, r in fitted.items()}
+    preds = {
+        k: r.model(data.splits["test_ood"].y[:1], context=context).mean[0]
+        for k, r in fitted.items()
+    }
 fig, ax = plt.subplots(figsize=(7, 3))
 t = data.times
 ax.plot(t, ys[0, :, 0], "k", label="truth")

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from priors.ode import (
+from warp_phys.bounded import (
     DEFAULT_SPREAD,
     BoundedParams,
     Stepper,

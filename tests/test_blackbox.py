@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from warp_phys.priors.blackbox import STD_FLOOR, BlackBoxRoot
 
-from priors.blackbox import STD_FLOOR, BlackBoxRoot
 from warp_phys.errors import UserError
 from warp_phys.root import build_root
 

@@ -856,11 +856,11 @@ def test_out_under_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_a_runs_folder_in_the_working_directory_hides_no_preset(tmp_path, capsys, monkeypatch):
-    from warp_phys.config import RUNS_DIR, load_config, preset_path
+    from warp_phys.config import load_config, preset_path, presets_dir
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "out").mkdir(parents=True)
-    assert preset_path("msd_small") == RUNS_DIR / "msd_small.toml"
+    assert preset_path("msd_small") == presets_dir() / "msd_small.toml"
     assert load_config("msd_small").name == "msd_small"
     (tmp_path / "runs" / "mine.toml").write_text('name = "mine"\n[train]\nsteps = 7\n')
     assert load_config("runs/mine.toml").train.steps == 7  # a preset elsewhere, by path

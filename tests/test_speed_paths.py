@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
+from warp_phys.priors.blackbox import BlackBoxRoot
 
-from priors.blackbox import BlackBoxRoot
 from warp_phys.errors import UserError
 from warp_phys.runtime import Runtime
 from warp_phys.scan import DenseOp, Residual, scan, scan_reference

@@ -337,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="warp-phys", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "--plugins",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of your own systems and priors (*.py files, as in systems/ and "
+        "priors/); repeatable; also WARP_PHYS_PLUGINS=DIR1:DIR2",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("systems", help="list the registered systems with their equations")
     p.set_defaults(func=cmd_systems)
@@ -524,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         # no terminal for a bar: training says one line per evaluation instead
         logging.getLogger("warp_phys.train").setLevel(logging.INFO)
     try:
+        from warp_phys.registry import add_plugin_folder
+
+        for folder in args.plugins:
+            add_plugin_folder(folder)
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"warp-phys: error: {err}", file=sys.stderr)

@@ -26,9 +26,15 @@ from typing import Any
 
 from warp_phys.errors import UserError
 
+
 # presets ship in the repository's runs/ folder. A runs/ folder in the working directory (e.g.
 # the runs/out/ that every run creates) never hides them; a preset elsewhere is given by path.
-RUNS_DIR = Path(__file__).resolve().parent.parent / "runs"
+def presets_dir() -> Path:
+    """The folder of the packaged presets (runs/ in the repository, `warp_phys.presets`
+    installed)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("warp_phys.presets")))
 
 
 @dataclass(frozen=True)
@@ -342,7 +348,7 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in RUNS_DIR.glob("*.toml"))
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
 
 
 def load_config(
@@ -393,10 +399,10 @@ def preset_path(preset: str) -> Path:
     """Return the file of a preset: a name in runs/ (the packaged presets) or a path to a file."""
     path = Path(preset)
     if path.suffix != ".toml" and not path.is_file():
-        path = RUNS_DIR / f"{preset}.toml"
+        path = presets_dir() / f"{preset}.toml"
     if not path.is_file():
         raise UserError(
-            f"unknown preset {preset!r}; presets in {RUNS_DIR}/: {', '.join(preset_names())} "
+            f"unknown preset {preset!r}; presets in {presets_dir()}/: {', '.join(preset_names())} "
             f"(or give the path of a .toml file)"
         )
     return path

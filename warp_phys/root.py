@@ -140,7 +140,7 @@ class FlatMLP:
         return x
 
 
-PRIORS: Registry[type[AbstractRoot]] = Registry("prior", "priors")
+PRIORS: Registry[type[AbstractRoot]] = Registry("prior", "warp_phys.priors", "priors/")
 
 
 def register_prior(name: str):

@@ -309,7 +309,7 @@ def _check_range(pname: str, rng: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
-SYSTEMS: Registry[type[System]] = Registry("system", "systems")
+SYSTEMS: Registry[type[System]] = Registry("system", "warp_phys.systems", "systems/")
 
 
 def register_system(name: str):
