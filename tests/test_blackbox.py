@@ -10,6 +10,8 @@ from warp_phys.priors.blackbox import STD_FLOOR, BlackBoxRoot
 from warp_phys.errors import UserError
 from warp_phys.root import build_root
 
+pytestmark = pytest.mark.numerics  # also run under ATEN_CPU_CAPABILITY=default (.ci/run)
+
 
 def test_paper_msd_root_has_4898_weights():
     paper = BlackBoxRoot(state_dim=2, width=48, depth=3, inputs="tau", residual=False)

@@ -94,7 +94,15 @@ def test_predictions_open_in_xarray_with_truth_beside_each_model(tiny_compare):
 def test_compare_resume_reuses_finished_models(tiny_compare):
     out, summary = tiny_compare
     cfg = load_config(None, TINY_MSD, values={"out_dir": str(out.parent)})
+    files = ("best.pt", "last.pt", "history.json", "train_summary.json")
+    before = {
+        (lab, f): (out / lab / f).stat().st_mtime_ns for lab in summary["models"] for f in files
+    }
     again = compare(cfg, resume=True, progress=False)
+    after = {
+        (lab, f): (out / lab / f).stat().st_mtime_ns for lab in summary["models"] for f in files
+    }
+    assert after == before  # nothing retrained: a deterministic retrain would rewrite them
     for label, res in summary["models"].items():
         assert again["models"][label]["splits"]["test"]["mse"] == pytest.approx(
             res["splits"]["test"]["mse"]

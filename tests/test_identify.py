@@ -18,6 +18,8 @@ from warp_phys.identify import RULES, linear_form, ode_fit, window_terms
 from warp_phys.simulate import simulate
 from warp_phys.system import get_system, system_names
 
+pytestmark = pytest.mark.numerics  # also run under ATEN_CPU_CAPABILITY=default (.ci/run)
+
 SYSTEMS = system_names()
 N_TRAJ = 8
 # Clean data sampled densely: Simpson's rule leaves a relative error O((h·rate)^4) in the

@@ -14,6 +14,8 @@ from warp_phys.scan import (
     scan_reference,
 )
 
+pytestmark = pytest.mark.numerics  # also run under ATEN_CPU_CAPABILITY=default (.ci/run)
+
 F64_TOL = 1e-10  # float64: algorithms differ only by summation order
 F32_REL = 1e-5  # float32, relative to the largest state
 SHAPES = [(1, 1, 3), (2, 7, 5), (3, 37, 8), (2, 64, 6), (1, 100, 9)]  # (B, T, D), T not 2^k

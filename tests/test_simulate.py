@@ -12,6 +12,8 @@ import warp_phys.simulate as sim
 from warp_phys import DivergenceError, Fixed, Param, System, UserError, get_system, system_names
 from warp_phys.simulate import integrator_attrs, simulate
 
+pytestmark = pytest.mark.numerics  # also run under ATEN_CPU_CAPABILITY=default (.ci/run)
+
 N_TRAJ = 70  # not a multiple of the SIMD padding, so padded lanes are exercised
 
 

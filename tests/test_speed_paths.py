@@ -19,6 +19,8 @@ from warp_phys.runtime import Runtime
 from warp_phys.scan import DenseOp, Residual, scan, scan_reference
 from warp_phys.warp import WARP
 
+pytestmark = pytest.mark.numerics  # also run under ATEN_CPU_CAPABILITY=default (.ci/run)
+
 S, T = 2, 13  # T - 1 = 12 steps: segments, checkpoints and the prefix all split unevenly
 EXACT = 1e-12  # float64, relative: the same maths in another order
 F32 = 1e-6  # float32, relative: padding and fp32 paths

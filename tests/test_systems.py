@@ -10,6 +10,8 @@ from scipy.integrate import solve_ivp
 from warp_phys import System, get_system, system_names
 from warp_phys.simulate import simulate
 
+pytestmark = pytest.mark.numerics  # also run under ATEN_CPU_CAPABILITY=default (.ci/run)
+
 # The reference: scipy's DOP853 at tight tolerances (house style).
 REF_RTOL, REF_ATOL = 1e-10, 1e-12
 # Our solver runs the same method at the same tolerances, so only rounding and the step

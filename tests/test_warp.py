@@ -14,6 +14,8 @@ from warp_phys.runtime import Runtime
 from warp_phys.transition import IDENTITY_NU, Dense, Rotation, build_transition
 from warp_phys.warp import WARP
 
+pytestmark = pytest.mark.numerics  # also run under ATEN_CPU_CAPABILITY=default (.ci/run)
+
 S, T = 2, 13  # T - 1 = 12 steps: chunked and looped paths both exercised
 EXACT = 1e-10  # float64, same maths in another order
 
