@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from warp_phys.cli import tune_allocator
 from warp_phys.config import load_config
 from warp_phys.models import build_model
 from warp_phys.optim import Optimiser
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/train_step_cpu.md")
     args = ap.parse_args()
+    tune_allocator()  # what the command line does before any work: time what a user gets
+    load_before = os.getloadavg()
     cfg = load_config(args.preset)
     data = prepare_data(cfg, progress=False)
     ys = data.splits["train"].y[: cfg.train.batch_size]
@@ -63,7 +66,10 @@ def main() -> None:
         for label in cfg.models:
             torch.manual_seed(0)
             model = build_model(cfg.model_for(label), data)
-            opt = Optimiser(cfg.train, list(model.parameters()))
+            opt = Optimiser(
+                cfg.train_for(cfg.model_for(label)),
+                [p for p in model.parameters() if p.requires_grad],
+            )
             tf = time_steps(
                 model, opt, ys, scale, context=T, teacher_prob=0.0, repeats=args.repeats
             )
@@ -84,7 +90,8 @@ def main() -> None:
         f"Command: `python benchmarks/train_step_cpu.py --preset {args.preset} --threads "
         f"{' '.join(map(str, args.threads))} --repeats {args.repeats}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-        f"load average at the end {load[0]:.1f} (shared machine: other jobs ran at the same time).",
+        f"load average {load_before[0]:.1f} before and {load[0]:.1f} at the end (a shared "
+        f"machine: other jobs ran at the same time; compare models within this run).",
         "",
         "Median of the timed steps after one warm-up; a step is loss + backward + optimiser update.",
         "",

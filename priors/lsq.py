@@ -28,6 +28,7 @@ running sums; per λ: E_x (S), E_P (S·K), E_q (S) filters; mixture logits (one 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -42,7 +43,9 @@ from warp_phys.system import System
 
 SMOOTHING = (0.5, 0.75, 0.875, 0.9375)  # λ of the filters (besides λ = 0: the last value)
 PRIOR_WEIGHT = 1e-6  # θ_0's initial M: pseudo-observations, negligible against one window
-STEP_RATE = 0.25  # RK4 substeps keep h·‖∂f/∂y‖∞ <= this at the start of each step
+# RK4 substeps keep h·‖∂f/∂y‖∞ <= this at the start of each forecast step (in training, where
+# the states are data, h·ρ(∂f/∂y) <= this over the test ranges: no Jacobian per step)
+STEP_RATE = 0.25
 
 
 @register_prior("lsq")
@@ -95,6 +98,7 @@ class LeastSquaresRoot(AbstractRoot):
         self.register_buffer("scale", ref.scale.clone(), False)  # (S,) float64
         self.register_buffer("lams", torch.tensor([0.0, *lams], dtype=torch.float64), False)
         self.substeps = substeps
+        self.rho = form.spectral_radius()  # over the test ranges: the substeps of training
         self._layout(S, K, len(lams) + 1)
 
     # -- layout ------------------------------------------------------------------------------
@@ -209,13 +213,16 @@ class LeastSquaresRoot(AbstractRoot):
         return self.form.clamp(self.form.centre.to(z) + self.form.half.to(z) * z)
 
     def smoothed_state(self, theta: Tensor, z: Tensor) -> Tensor:
-        """Return x̂ ``(B, S)`` float64 at the time of the last fed value (mixture over λ)."""
-        th = theta.double()
+        """Return x̂ ``(B, S)`` float64 at the time of the last fed value (mixture over λ).
+
+        Only the mixture logits carry gradients: the sums in θ are data, never trained."""
+        th = theta.detach().double()
         B, S, K = len(theta), self.form.system.state_dim, self.form.n
         n = th[:, self.slots["n"]]  # (B, 1)
         C = th[:, self.slots["C_P"]].view(B, S, K) @ z.unsqueeze(-1)  # (B, S, 1)
         C = C.squeeze(-1) + th[:, self.slots["C_q"]]  # (B, S): ∫ f from x_0, normalised
-        weights = torch.softmax(th[:, self.slots["logits"]].view(B, self.n_bank, S), 1)
+        logits = theta[:, self.slots["logits"]].double().view(B, self.n_bank, S)
+        weights = torch.softmax(logits, 1)  # (B, n_bank, S)
         out = 0.0
         for b in range(self.n_bank):
             lam = float(self.lams[b])
@@ -234,7 +241,8 @@ class LeastSquaresRoot(AbstractRoot):
     def forward(
         self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float
     ) -> tuple[Tensor, Tensor | None]:
-        z = self.solve(theta)
+        # the normal equations carry gradients only when their prior is learned
+        z = self.solve(theta if self.learn_prior else theta.detach())
         c = self.form.clamp(self.form.centre.to(z) + self.form.half.to(z) * z)  # (B, K)
         t0 = self.t_start + tau.double() * self.t_length - dt  # (B,) time of y_prev
         n = theta[:, self.slots["n"]].double().squeeze(-1)  # fed steps: last at t_start + n h
@@ -243,7 +251,9 @@ class LeastSquaresRoot(AbstractRoot):
         start = torch.where(first[:, None], self.smoothed_state(theta, z), y_prev.double())
         start = self.system.project(start)  # a noisy start may lie outside the state domain
         n_sub = self.substeps
-        if n_sub == "auto":  # h·‖∂f/∂y‖∞ <= STEP_RATE at the start states
+        if n_sub == "auto" and torch.is_grad_enabled():  # training: from the test ranges
+            n_sub = max(1, math.ceil(abs(dt) * self.rho / STEP_RATE - 1e-9))
+        elif n_sub == "auto":  # forecasting: h·‖∂f/∂y‖∞ <= STEP_RATE at the start states
             jac = lambda t, y: self.form.jacobian(t, y, c)  # noqa: E731
             n_sub = substeps_for(jac, t0, start, dt, STEP_RATE)
         mean = rk4(lambda t, y: self.form.field(t, y, c), start, dt, n_sub, t0=t0)

@@ -20,8 +20,9 @@ from warp_phys.scan import METHODS, PRECISIONS
 # predicts fp16 accurate enough there; only a measurement may change this default.
 GPU_PRECISION = "fp32"
 # prefix_chunk="auto" on a CPU: teacher-forced time chunks that keep (B, chunk, Dθ) in cache
-# (benchmarks/results/train_step_cpu.md)
+# (benchmarks/results/train_step_cpu.md), when the whole (B, L, Dθ) would not fit anyway
 PREFIX_CHUNK_CPU = 16
+PREFIX_CHUNK_MIN_ELEMENTS = 2**22  # 16 MB of float32 hidden states: below, one chunk
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,12 @@ class Runtime:
             return self.precision
         return "fp32" if device.type == "cpu" else GPU_PRECISION
 
-    def chunk_for(self, device: torch.device) -> int:
-        """Return the time chunk of a training pass's teacher-forced steps (0: one chunk)."""
+    def chunk_for(self, device: torch.device, elements: int) -> int:
+        """Return the time chunk of a training pass's teacher-forced steps (0: one chunk);
+        `elements` = B · L · Dθ, the size of the hidden states of the whole prefix."""
         if self.checkpoint_every:
             return self.checkpoint_every
         if self.prefix_chunk != "auto":
             return int(self.prefix_chunk)
-        return PREFIX_CHUNK_CPU if device.type == "cpu" else 0
+        small = elements < PREFIX_CHUNK_MIN_ELEMENTS
+        return PREFIX_CHUNK_CPU if device.type == "cpu" and not small else 0

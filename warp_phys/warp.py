@@ -305,7 +305,8 @@ class WARP(AbstractForecaster):
         """Run the teacher-forced steps t < L by the parallel scan. Return the state h_{L-1}
         (θ, or δ = θ - θ_0 when anchored) ``(B, Dp)``, θ_0..θ_{L-1} ``(B, L, Dp)`` when
         `keep`, and the root's mean and std (or None) ``(B, L, S)``."""
-        K, L = self.runtime.chunk_for(spec.ys.device), spec.L
+        L = spec.L
+        K = self.runtime.chunk_for(spec.ys.device, spec.ys.shape[0] * L * self.padded_dim)
         if not K or keep or L <= K or not torch.is_grad_enabled():
             theta, h, mean, std = self._tf_chunk(op, spec, theta0, 0, L, None)
             return h, theta, mean, std
