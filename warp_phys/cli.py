@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import errno
 import logging
+import os
 import re
 import sys
 
@@ -67,9 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         test_ranges=parse_ranges(args.ood_range, "--ood-range"),
     )
     counts = {split: getattr(args, f"n_{split}") for split in _COUNTS}
-    report = generate_store(
-        system,
-        args.out,
+    kwargs = dict(
         counts=counts,
         seed=args.seed,
         chunk=args.chunk,
@@ -78,6 +77,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         noise=args.noise,
         progress=not args.quiet,
     )
+    if args.dask:
+        from warp_phys.cluster import connect, dashboard
+
+        with connect(args.dask, timeout=args.dask_timeout) as client:
+            if dashboard(client):
+                print(f"dask dashboard: {dashboard(client)}", flush=True)
+            report = generate_store(system, args.out, client=client, **kwargs)
+    else:
+        report = generate_store(system, args.out, **kwargs)
     if report.already_complete:  # and every chunk still what was written
         from warp_phys.integrity import verify_store
 
@@ -199,6 +207,7 @@ def _run_config(
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from warp_phys import distributed
     from warp_phys.run import prepare_data, show_bars, train_and_evaluate
 
     # paths and names are passed as values, never pasted into TOML text
@@ -211,17 +220,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _run_config(args.preset, args, values)
     label = cfg.model.kind if cfg.model.kind != "warp" else f"warp-{cfg.model.prior}"
     run_dir = Path(args.out) if args.out else Path(cfg.out_dir) / cfg.name / label
-    data = prepare_data(cfg, progress=show_bars(_progress(args)))
-    res = train_and_evaluate(
-        cfg,
-        data,
-        label,
-        cfg.model,
-        run_dir,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=_progress(args),
-    )
+    with distributed.session(cfg.train.device) as group:
+        data = prepare_data(cfg, progress=show_bars(_progress(args)))
+        res = train_and_evaluate(
+            cfg,
+            data,
+            label,
+            cfg.model,
+            run_dir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=_progress(args),
+        )
+    if not group.main:  # under torchrun rank 0 reports
+        return 0
     if res.get("reused"):
         print(
             f"{run_dir} already holds this run, finished with these settings and data: its "
@@ -288,11 +300,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from warp_phys import distributed
     from warp_phys.compare import compare
     from warp_phys.report import results_table
 
     cfg = _run_config(args.target, args, base_models=_default_models)
-    summary = compare(cfg, resume=args.resume, overwrite=args.overwrite, progress=_progress(args))
+    with distributed.session(cfg.train.device) as group:
+        summary = compare(
+            cfg, resume=args.resume, overwrite=args.overwrite, progress=_progress(args)
+        )
+    if not group.main:  # under torchrun rank 0 reports
+        return 0
     print(results_table(summary))
     print(f"outputs in {Path(cfg.out_dir) / cfg.name}")
     return 0
@@ -356,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
         "test_ood). Rerunning the same command resumes an interrupted run.",
     )
     p.add_argument("system", help="registered system name (see `warp-phys systems`)")
-    p.add_argument("--out", required=True, help="store directory to create or resume")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="store to create or resume: a directory or an fsspec URL (s3://bucket/x.zarr)",
+    )
     for split, n in _COUNTS.items():
         p.add_argument(
             f"--n-{split.replace('_', '-')}",
@@ -405,6 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIGMA",
         help="Gaussian observation noise, as a fraction of each state's std over the train "
         "split (stored as `obs` beside the clean `y`; default 0)",
+    )
+    p.add_argument(
+        "--dask",
+        metavar="local[:N]|ADDRESS",
+        help="integrate the chunks on dask workers: `local` starts a cluster of one worker per "
+        "core (local:N, N workers), an address (tcp://HOST:8786) joins a running scheduler; "
+        "the same bytes as without it (needs the [dask] extra)",
+    )
+    p.add_argument(
+        "--dask-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on a scheduler address that does not answer within this (default 10)",
     )
     _add_quiet(p)
     p.set_defaults(func=cmd_generate)
@@ -517,6 +553,25 @@ def _disk_fault(err: OSError, args: argparse.Namespace) -> str:
     return f"cannot write{where}: {err.strerror or err}; {_DISK_FAULTS[err.errno]}, {then}"
 
 
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _check_launcher(command: str) -> None:
+    """Only train and compare run on several processes (torchrun); the rest runs in one."""
+    from warp_phys.distributed import launched_world
+
+    if launched_world() > 1 and command not in ("train", "compare"):
+        hint = " (spread it over a dask cluster with --dask)" if command == "generate" else ""
+        raise UserError(
+            f"`warp-phys {command}` runs in one process{hint}; run it without torchrun "
+            f"(torchrun is for train and compare)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return the exit code (argparse's own exits, e.g. --help, included)."""
     tune_allocator()
@@ -536,9 +591,11 @@ def main(argv: list[str] | None = None) -> int:
 
         for folder in args.plugins:
             add_plugin_folder(folder)
+        _check_launcher(args.command)
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"warp-phys: error: {err}", file=sys.stderr)
+        if _rank() == 0:  # under torchrun every process fails alike: one line, from rank 0
+            print(f"warp-phys: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in _DISK_FAULTS:

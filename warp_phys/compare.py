@@ -12,6 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from warp_phys import distributed, location
 from warp_phys.atomic import write_json_atomic, write_text_atomic
 from warp_phys.config import RunConfig
 from warp_phys.errors import UserError
@@ -81,24 +82,36 @@ def compare(
 
     Without either, a model already trained in this place with the same settings and data is
     reused (and said so); a run with other settings, or an unfinished one, is an error.
+    Under torchrun every process trains each model; rank 0 alone writes and returns the
+    summary (the others return ``{}``).
     """
     out = Path(cfg.out_dir) / cfg.name
-    _check_output(out)
+    distributed.on_main(lambda: _check_output(out))  # under torchrun: rank 0 reads and writes
     data = prepare_data(cfg, progress=show_bars(progress))
     if not cfg.models:
         cfg = dataclasses.replace(cfg, models=default_models(data.system))
-    # every model's run is checked before any is trained: a failing compare writes nothing
-    flags = {
-        label: {"resume": resume and (out / label / "run.json").exists(), "overwrite": overwrite}
-        for label in cfg.models
-    }
-    for label in cfg.models:
-        plan_run(out / label, cfg, cfg.model_for(label), data, **flags[label])
+
+    def plan() -> dict:  # every model's run is checked before any is trained
+        flags = {
+            label: {
+                "resume": resume and (out / label / "run.json").exists(),
+                "overwrite": overwrite,
+            }
+            for label in cfg.models
+        }
+        for label in cfg.models:
+            plan_run(out / label, cfg, cfg.model_for(label), data, **flags[label])
+        return flags
+
+    flags = distributed.on_main(plan)  # a failing compare writes nothing
+    main = distributed.current().main
     results, preds = {}, {}
     for label in cfg.models:
         got = train_and_evaluate(
             cfg, data, label, cfg.model_for(label), out / label, progress=progress, **flags[label]
         )
+        if not main:
+            continue
         if got.get("reused"):
             log.warning("%s: already trained with these settings and data; reused", label)
         results[label] = summarize(got)
@@ -106,10 +119,12 @@ def compare(
             log.warning("%s failed: %s", label, got["failed"])
         else:
             preds[label] = got["predictions"]
+    if not main:
+        return {}
     summary = {
         "name": cfg.name,
         "system": data.system.name,
-        "data": str(Path(data.path).resolve()),
+        "data": location.absolute(data.path),
         "data_fingerprint": data.fingerprint,
         "context": cfg.data.context,
         "noise": data.noise,

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from warp_phys import location
 from warp_phys.config import DataConfig
 from warp_phys.errors import UserError
+from warp_phys.location import RemotePath
 from warp_phys.system import SPLITS, System, get_system
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class Split:
 
 @dataclass
 class Dataset:
-    path: Path
+    path: Path | RemotePath  # a local folder or an fsspec URL (`location.py`)
     system: System
     times: np.ndarray  # (T,)
     state: tuple[str, ...]
@@ -75,7 +77,7 @@ def default_path(cfg: DataConfig, out_dir: str | Path = "runs/out") -> Path:
 
 def ensure_dataset(
     cfg: DataConfig, *, out_dir: str | Path = "runs/out", progress: bool = True
-) -> Path:
+) -> Path | RemotePath:
     """Return the store of `cfg`: `data.path`, which must exist, or else the preset's dataset
     under out_dir/data/, generated (or resumed) when it is not complete.
 
@@ -85,7 +87,7 @@ def ensure_dataset(
     from warp_phys.store import generate_store, is_complete
 
     if cfg.path:
-        path = Path(cfg.path)
+        path = location.parse(cfg.path)
         if not path.exists():
             raise UserError(
                 f"no store at {path} (data.path / --data): check the path, or create it with "
@@ -116,7 +118,7 @@ def ensure_dataset(
     return path
 
 
-def check_store_noise(path: Path, noise: float) -> None:
+def check_store_noise(path, noise: float) -> None:
     """Raise when data.noise asks for observation noise that the store at `path` does not have.
 
     data.noise = 0 asks for nothing: a store's own noise (or none) is then used as it is."""
@@ -132,11 +134,11 @@ def check_store_noise(path: Path, noise: float) -> None:
         )
 
 
-def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS, *, system: str = "") -> Dataset:
+def load_dataset(path, splits: tuple[str, ...] = SPLITS, *, system: str = "") -> Dataset:
     """Load the splits of a store into memory, checking what is loaded.
 
     Args:
-        path: a complete store made by `generate`.
+        path: a complete store made by `generate`: a folder or an fsspec URL.
         splits: the splits to load.
         system: the system the caller expects ("" = the store's own); another is an error.
 
@@ -148,7 +150,7 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS, *, system: str = 
     from warp_phys.integrity import check_rows, fingerprint, reading, store_system
     from warp_phys.store import _open_complete, _splits, open_split
 
-    path = Path(path)
+    path = location.parse(path)
     root = _open_complete(path)
     made_by = store_system(path, root, _splits(root))
     if system and system != made_by.name:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from warp_phys import location
 from warp_phys.errors import StoreError, UserError
 from warp_phys.system import System, get_system
 
@@ -233,7 +234,7 @@ def check_metadata(path: str | os.PathLike) -> System:
     every chunk file present. Return the system; raise StoreError otherwise."""
     from warp_phys.store import _open_complete, _splits
 
-    path = Path(path)
+    path = location.parse(path)
     root = _open_complete(path)
     system = store_system(path, root, _splits(root))
     for split in _splits(root):
@@ -250,7 +251,7 @@ def verify_store(path: str | os.PathLike) -> dict:
     """
     from warp_phys.store import _open_complete, _splits
 
-    path = Path(path)
+    path = location.parse(path)
     root = _open_complete(path)
     splits = _splits(root)
     system = store_system(path, root, splits)
@@ -308,7 +309,7 @@ def fingerprint(path: str | os.PathLike) -> str:
     """
     from warp_phys.store import _open_complete, _splits
 
-    path = Path(path)
+    path = location.parse(path)
     root = _open_complete(path)
     h = hashlib.sha256()
     with reading(path, "the store's metadata"):
@@ -320,13 +321,18 @@ def fingerprint(path: str | os.PathLike) -> str:
         h.update(json.dumps(meta, sort_keys=True, default=str).encode())
         for split in _splits(root):
             for var in sorted(root[split].array_keys()):
-                for name, size, tail in _chunk_tails(path / split / var / "c"):
+                for name, size, tail in _chunk_tails(path, f"{split}/{var}/c"):
                     h.update(f"{split}/{var}/{name}:{size}:".encode() + tail)
     return "sha256:" + h.hexdigest()
 
 
-def _chunk_tails(folder: Path) -> Iterator[tuple[str, int, bytes]]:
-    """(relative name, size, last four bytes) of every chunk file under `folder`, sorted."""
+def _chunk_tails(path, under: str) -> Iterator[tuple[str, int, bytes]]:
+    """(relative name, size, last four bytes) of every chunk file under `path`/`under`, sorted
+    (the same for a store and its copy on object storage)."""
+    if isinstance(path, location.RemotePath):
+        yield from path.chunk_tails(under)
+        return
+    folder = path / under
     files = []
     for dirpath, _, names in os.walk(folder):
         for n in names:

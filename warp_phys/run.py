@@ -35,6 +35,7 @@ import torch
 import xarray as xr
 import zarr
 
+from warp_phys import distributed, location
 from warp_phys.atomic import json_safe, write_json_atomic, write_text_atomic
 from warp_phys.config import ModelConfig, RunConfig, load_config, model_config, to_toml
 from warp_phys.data import Dataset, ensure_dataset, load_dataset
@@ -60,8 +61,12 @@ def show_bars(progress: bool | None) -> bool:
 
 
 def prepare_data(cfg: RunConfig, *, progress: bool = True) -> Dataset:
-    """Load the store of `cfg` (generating the preset's dataset when it names no path)."""
-    path = ensure_dataset(cfg.data, out_dir=cfg.out_dir, progress=progress)
+    """Load the store of `cfg` (generating the preset's dataset when it names no path).
+
+    Under torchrun rank 0 finds (or generates) the store, then every rank loads it."""
+    path = distributed.on_main(
+        lambda: ensure_dataset(cfg.data, out_dir=cfg.out_dir, progress=progress)
+    )
     return load_dataset(path, system=cfg.data.system)
 
 
@@ -79,7 +84,7 @@ def run_settings(cfg: RunConfig, model_cfg: ModelConfig) -> dict:
 
 def data_record(data: Dataset) -> dict:
     return {
-        "path": str(Path(data.path).resolve()),
+        "path": location.absolute(data.path),
         "fingerprint": data.fingerprint,
         "system": data.system.name,
     }
@@ -162,11 +167,17 @@ def train_and_evaluate(
         resume: continue the run in `run_dir` (it must hold one with the same settings and
             data).
         overwrite: replace a run that `run_dir` holds (only after every check has passed).
+
+    Under torchrun every process calls this and trains; rank 0 alone decides, evaluates,
+    writes and returns the results (the others return ``{}``).
     """
     run_dir = Path(run_dir)
-    action, record = plan_run(run_dir, cfg, model_cfg, data, resume=resume, overwrite=overwrite)
+    main = distributed.current().main
+    action, record = distributed.on_main(
+        lambda: plan_run(run_dir, cfg, model_cfg, data, resume=resume, overwrite=overwrite)
+    )
     if action == "done":
-        return _finished(run_dir, record, cfg, data) | {"reused": True}
+        return _finished(run_dir, record, cfg, data) | {"reused": True} if main else {}
     continuing = action == "continue"
     new = {
         "format": RUN_FORMAT,
@@ -195,6 +206,8 @@ def train_and_evaluate(
         progress=progress,
         on_start=on_start,
     )
+    if not main:  # rank 0 evaluates and writes
+        return {}
     failed = _failure(summary)
     new |= {"state": "failed" if failed else "finished", "finished": _now(), "summary": summary}
     if failed:
@@ -388,7 +401,7 @@ def load_run(
 
 
 def _recorded_data(run_dir: Path, record: dict, data_path) -> Dataset:
-    path = Path(data_path) if data_path else Path(record["data"]["path"])
+    path = location.parse(data_path or record["data"]["path"])
     if not path.exists():
         raise UserError(
             f"the store run {run_dir} was trained on is not at {path} any more; give its new "

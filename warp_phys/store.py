@@ -40,6 +40,7 @@ interruptions either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -56,7 +57,9 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
+from warp_phys import location
 from warp_phys import simulate as simulate_module
+from warp_phys.cluster import InProcess, OnDask
 from warp_phys.errors import StoreError, UserError
 from warp_phys.integrity import check_chunks_present, check_shapes, reading
 from warp_phys.places import check_disk_space, check_parent, claim
@@ -83,7 +86,7 @@ _STD_BLOCK = 256  # trajectories per block of the train-std computation: fixed, 
 class GenerateReport:
     """What `generate_store` did: chunks written now, chunks found done, whether it was a no-op."""
 
-    path: Path
+    path: Path | location.RemotePath
     written: int
     skipped: int
     already_complete: bool
@@ -102,12 +105,14 @@ def generate_store(
     atol: float = DEFAULT_ATOL,
     noise: float = 0.0,
     progress: bool = True,
+    client=None,
 ) -> GenerateReport:
     """Simulate the splits of `counts` into a zarr store at `path`, resuming an interrupted run.
 
     Args:
         system: the system to integrate (its ranges, initial states and time grid).
-        path: store directory; created, resumed (same arguments), or left alone when complete.
+        path: store directory or fsspec URL (``s3://bucket/x.zarr``); created, resumed (same
+            arguments), or left alone when complete.
         counts: trajectories per split, e.g. ``{"train": 1024, "val": 128, ...}``.
         seed: dataset seed; split ``i`` samples from ``SeedSequence([seed, i])``.
         chunk: trajectories integrated and written at once; memory is bounded by it.
@@ -115,70 +120,99 @@ def generate_store(
         noise: observation noise σ as a fraction of each state's standard deviation over the
             train split, in [0, 1); with noise > 0 the store holds ``obs = y + σ·ε`` beside y.
         progress: show a tqdm bar on stderr over the chunks of all splits.
+        client: a `dask.distributed.Client`: its workers integrate the chunks and write their
+            regions, this process writes the skeleton, the marks and the final attributes
+            (`cluster.py`). The bytes are those of the default, single-process path.
 
     Raises:
         UserError: bad counts/chunk/seed/tolerances, or a vector field of the wrong shape.
         StoreError: `path` holds something else, or a store made with other arguments.
         DivergenceError: a trajectory is not finite; the store stays incomplete.
     """
-    path = Path(path)
+    loc = location.parse(path)
     _check_arguments(counts, seed, chunk)
     check_noise(noise)
     _integrator_attrs(method, rtol, atol)  # validates the method and tolerances
     check_tolerances(rtol, atol)
     arguments = _arguments(system, counts, seed, chunk, method, rtol, atol, noise)
+    runner = _runner(client, loc)
     first = next(iter(counts))
     _probe(system, _sample(system, seed, first, counts[first], 0, 1), method, rtol, atol)
-    check_parent(path)
+    local = isinstance(loc, Path)
+    if local:
+        check_parent(loc)
 
     total = _n_chunks(counts, chunk)
-    if _existing_state(path, arguments) == "complete":
-        return GenerateReport(path, written=0, skipped=total, already_complete=True)
-    with claim(path):
-        state = _existing_state(path, arguments)  # again: another writer may have finished it
+    if _existing_state(loc, arguments) == "complete":
+        return GenerateReport(loc, written=0, skipped=total, already_complete=True)
+    # object storage: no lock (one generate per URL), no free-space figure to check
+    with claim(loc) if local else contextlib.nullcontext():
+        state = _existing_state(loc, arguments)  # again: another writer may have finished it
         if state == "complete":
-            return GenerateReport(path, written=0, skipped=total, already_complete=True)
-        if state == "new":
-            check_disk_space(path, system, counts, noise)
-            _create(path, system, arguments, seed)
-        return _fill(path, system, arguments, progress=progress)
+            return GenerateReport(loc, written=0, skipped=total, already_complete=True)
+        if state == "new" and local:
+            check_disk_space(loc, system, counts, noise)
+        if state == "new" or not (local or _skeleton_whole(loc, arguments)):
+            _create(loc, system, arguments, seed)
+        return _fill(loc, system, arguments, progress=progress, runner=runner)
 
 
-def _fill(path: Path, system: System, arguments: dict, *, progress: bool) -> GenerateReport:
-    """Integrate and write every chunk not marked done, then the noise, then finalise."""
-    counts, chunk, seed = arguments["counts"], arguments["chunk"], arguments["seed"]
-    method, rtol, atol = arguments["method"], arguments["rtol"], arguments["atol"]
-    noise, ts = arguments.get("noise", 0.0), system.times()  # (T,) float64
+def _runner(client, loc):
+    """Where the chunk tasks run: this process, or the workers of a dask `client`."""
+    if client is None:
+        return InProcess()
+    if isinstance(loc, location.RemotePath) and loc.protocol == "memory":
+        raise UserError(
+            f"{loc} lives in this process's memory, which dask workers cannot reach; write to "
+            f"a local path, a shared disk or object storage (s3://...) instead"
+        )
+    return OnDask(client)
+
+
+def _fill(loc, system: System, arguments: dict, *, progress: bool, runner) -> GenerateReport:
+    """Integrate and write every chunk not marked done, then the noise, then finalise.
+
+    Tasks (`_write_chunk`, `_write_noise`, `_block_sums`) run in this process or on dask
+    workers and write only their own chunk's region; the marks are written here, after the
+    task's data: a chunk is marked done only once its data is in the store."""
+    counts, chunk, noise = arguments["counts"], arguments["chunk"], arguments.get("noise", 0.0)
     total = _n_chunks(counts, chunk)
-    root = zarr.open_group(path, mode="r+")
+    target = location.absolute(loc)  # what a worker opens: the same place from anywhere
+    own = system if runner.in_process else None  # workers rebuild it from the registry
+    root = zarr.open_group(location.zarr_target(loc), mode="r+")
 
-    todo = {split: np.flatnonzero(root[_PROGRESS][split]["done"][:] == 0) for split in counts}
-    noisy = {
-        split: np.flatnonzero(root[_PROGRESS][split]["obs_done"][:] == 0) if noise else []
+    todo = [
+        (target, split, int(k), own)
         for split in counts
-    }
-    left = sum(len(k) for k in todo.values()) + sum(len(k) for k in noisy.values())
+        for k in np.flatnonzero(root[_PROGRESS][split]["done"][:] == 0)
+    ]
+    noisy = [
+        (target, split, int(k))
+        for split in (counts if noise else ())
+        for k in np.flatnonzero(root[_PROGRESS][split]["obs_done"][:] == 0)
+    ]
+    left = len(todo) + len(noisy)
     total *= 2 if noise else 1
     opts = dict(total=total, initial=total - left, unit="chunk", desc=f"generate {system.name}")
     with tqdm(**opts, file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-        for split, chunks in todo.items():
-            bar.set_postfix_str(split)
-            for k in chunks:
-                _write_chunk(root, system, split, int(k), chunk, ts, method, rtol, atol, path)
-                bar.update()
+        for batch in runner.run(_write_chunk, todo):
+            _mark(root, "done", [(item[1], item[2], ranges) for item, ranges in batch])
+            bar.set_postfix_str(batch[-1][0][1])
+            bar.update(len(batch))
         if noise:
-            sigma = noise * train_std(root, _splits(root)[0])  # (S,)
-            for split, chunks in noisy.items():
-                bar.set_postfix_str(f"{split} noise")
-                for k in chunks:
-                    _write_noise(root, split, int(k), chunk, sigma, seed)
-                    bar.update()
+            split0 = _splits(root)[0]
+            sigma = noise * train_std(root, split0, target=target, runner=runner)  # (S,)
+            tasks = [(target, split, k, sigma) for target, split, k in noisy]
+            for batch in runner.run(_write_noise, tasks):
+                _mark(root, "obs_done", [(item[1], item[2], None) for item, _ in batch])
+                bar.set_postfix_str(f"{batch[-1][0][1]} noise")
+                bar.update(len(batch))
             for split in counts:
                 root[split].attrs["noise_std"] = dict(
                     zip(system.state, map(float, sigma), strict=True)
                 )
-    _finalize(path)
-    return GenerateReport(path, written=left, skipped=total - left, already_complete=False)
+    _finalize(loc)
+    return GenerateReport(loc, written=left, skipped=total - left, already_complete=False)
 
 
 def _check_arguments(counts: dict[str, int], seed: int, chunk: int) -> None:
@@ -263,7 +297,7 @@ def _n_chunks(counts: dict[str, int], chunk: int) -> int:
     return sum(-(-n // chunk) for n in counts.values())
 
 
-def _existing_state(path: Path, arguments: dict) -> str:
+def _existing_state(path, arguments: dict) -> str:
     """Return "new" (nothing there), "resume" or "complete" for a store made with `arguments`."""
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return "new"
@@ -294,27 +328,63 @@ def _diff(stored, wanted: dict) -> str:
     return "; ".join(f"{k}: stored {stored.get(k)!r}, asked {wanted[k]!r}" for k in shown)
 
 
-def _create(path: Path, system: System, arguments: dict, seed: int) -> None:
-    """Write the skeleton (coordinates, params, y0, empty y, marks), then move it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+def _create(loc, system: System, arguments: dict, seed: int) -> None:
+    """Write the skeleton (coordinates, params, y0, empty y, marks).
+
+    A local store is written beside `loc` and moved there in one rename, so a kill leaves
+    either no store or a whole skeleton. Object storage has no rename: the skeleton is written
+    in place, the root metadata (with the arguments) first, and a resume that finds it cut
+    short (`_skeleton_whole`) writes it again."""
     from warp_phys import __version__
 
+    meta = {"format": FORMAT, "version": __version__, "arguments": arguments}
+    attrs = {"warp_phys": meta, "system": system.name, "complete": False}
+    if not isinstance(loc, Path):
+        loc.remove()
+        _write_skeleton(loc.zarr_store(), attrs, system, arguments, seed)
+        return
+    loc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = loc.parent / f".{loc.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        root = zarr.open_group(tmp, mode="w-", zarr_format=3)
-        meta = {"format": FORMAT, "version": __version__, "arguments": arguments}
-        root.attrs.update({"warp_phys": meta, "system": system.name, "complete": False})
-        progress = root.create_group(_PROGRESS)
-        for split, n in arguments["counts"].items():
-            _create_split(root.create_group(split), system, split, arguments, n, seed)
-            n_chunks = -(-n // arguments["chunk"])
-            noisy = bool(arguments.get("noise"))
-            _create_marks(progress.create_group(split), n_chunks, system.state_dim, noisy)
-        if path.exists():
-            path.rmdir()  # only ever an empty directory here (checked by the caller)
-        os.rename(tmp, path)
+        _write_skeleton(tmp, attrs, system, arguments, seed)
+        if loc.exists():
+            loc.rmdir()  # only ever an empty directory here (checked by the caller)
+        os.rename(tmp, loc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_skeleton(target, attrs: dict, system: System, arguments: dict, seed: int) -> None:
+    root = zarr.open_group(target, mode="w-", zarr_format=3, attributes=attrs)
+    progress = root.create_group(_PROGRESS)
+    for split, n in arguments["counts"].items():
+        _create_split(root.create_group(split), system, split, arguments, n, seed)
+        n_chunks = -(-n // arguments["chunk"])
+        noisy = bool(arguments.get("noise"))
+        _create_marks(progress.create_group(split), n_chunks, system.state_dim, noisy)
+
+
+def _skeleton_whole(loc, arguments: dict) -> bool:
+    """Whether the skeleton written in place on object storage was finished (`_create`)."""
+    from warp_phys.integrity import declared_shapes
+
+    try:
+        root = zarr.open_group(location.zarr_target(loc), mode="r")
+        marks = ("done", "y_min", "y_max") + (("obs_done",) if arguments.get("noise") else ())
+        for split in arguments["counts"]:
+            group = root[split]
+            if "split" not in group.attrs:  # the split's attributes are written last
+                return False
+            shapes = declared_shapes(root, split)
+            if set(shapes) - set(group.array_keys()):
+                return False
+            if any(group[v].nchunks_initialized < group[v].nchunks for v in ("params", "y0")):
+                return False
+            if set(marks) - set(root[_PROGRESS][split].array_keys()):
+                return False
+    except (KeyError, FileNotFoundError):
+        return False
+    return True
 
 
 def _array(group, name, data=None, *, shape=None, dtype="f8", dims, chunks=None, fill=np.nan):
@@ -399,36 +469,95 @@ def _create_marks(group, n_chunks: int, state_dim: int, noisy: bool = False) -> 
         _array(group, name, shape=shape, dims=("chunk", "state"), chunks=chunks)
 
 
-def _write_chunk(root, system, split, k, chunk, ts, method, rtol, atol, path) -> None:
-    """Integrate chunk `k` of `split`, write it, then mark it done."""
-    group, marks = root[split], root[_PROGRESS][split]
+def _write_chunk(target: str, split: str, k: int, system: System | None):
+    """Integrate chunk `k` of `split` into the store at `target`; return its per-state
+    ``(y_min, y_max)`` for the marks. A task: it runs here or on a dask worker (`cluster.py`),
+    which rebuilds `system` (None) from the registry, checked against the store's."""
+    root = zarr.open_group(location.zarr_target(target), mode="r+")
+    args = root.attrs["warp_phys"]["arguments"]
+    chunk, method, rtol, atol = args["chunk"], args["method"], args["rtol"], args["atol"]
+    workers = None if system is not None else 1  # never fork inside a dask worker
+    system = system or _worker_system(target, root)
+    group = root[split]
     lo, hi = k * chunk, min((k + 1) * chunk, group["y"].shape[0])
     params = torch.from_numpy(group["params"][lo:hi])  # (B, P)
     y0 = torch.from_numpy(group["y0"][lo:hi])  # (B, S)
+    ts = system.times()  # (T,) float64
     try:
-        ys = simulate(system, y0, params, ts, method=method, rtol=rtol, atol=atol, index_offset=lo)
+        ys = simulate(
+            system, y0, params, ts, method=method, rtol=rtol, atol=atol, index_offset=lo,
+            workers=workers,
+        )  # fmt: skip
     except UserError as err:
-        raise type(err)(f"split {split!r}: {err} (the store at {path} stays incomplete)") from None
+        raise type(err)(
+            f"split {split!r}: {err} (the store at {target} stays incomplete)"
+        ) from None
     ys = ys.numpy()  # (B, T, S)
     group["y"][lo:hi] = ys
-    marks["y_min"][k] = ys.min(axis=(0, 1))
-    marks["y_max"][k] = ys.max(axis=(0, 1))
-    marks["done"][k] = 1
+    return ys.min(axis=(0, 1)), ys.max(axis=(0, 1))
 
 
-def train_std(root, split: str) -> np.ndarray:
+_SYSTEMS: dict[tuple[str, str], System] = {}  # per worker process: the system of each store
+
+
+def _worker_system(target: str, root) -> System:
+    """The registered system of the store at `target`, as `integrity.store_system` checks it:
+    a worker whose registry differs from the client's is an error, never other bytes."""
+    from warp_phys.integrity import store_system
+
+    key = (target, json.dumps(root.attrs["warp_phys"]["arguments"], sort_keys=True))
+    if key not in _SYSTEMS:
+        _SYSTEMS[key] = store_system(target, root, _splits(root))
+    return _SYSTEMS[key]
+
+
+def _mark(root, name: str, done: list[tuple[str, int, tuple | None]]) -> None:
+    """Mark chunks done (`name` is done or obs_done): ``[(split, k, (y_min, y_max) or None)]``.
+
+    The value ranges are written first and the marks last, one write per marks file."""
+    for split in dict.fromkeys(split for split, _, _ in done):
+        mine = [(k, r) for s, k, r in done if s == split]
+        ks = np.array([k for k, _ in mine])
+        marks = root[_PROGRESS][split]
+        if mine[0][1] is not None:
+            marks["y_min"].oindex[ks, :] = np.stack([r[0] for _, r in mine])  # (n, S)
+            marks["y_max"].oindex[ks, :] = np.stack([r[1] for _, r in mine])
+        marks[name].oindex[ks] = 1
+
+
+def train_std(root, split: str, *, target: str | None = None, runner=None) -> np.ndarray:
     """Per-state standard deviation of a split's clean y over (trajectory, time), ``(S,)``.
 
     Read in fixed blocks of `_STD_BLOCK` trajectories (never the store's chunk), two passes in
-    float64: the same bytes whatever chunk the store was written with.
+    float64: the same bytes whatever chunk the store was written with, and whether the blocks
+    were summed here or on dask workers (`runner`; each block's sum is the same numpy call).
     """
     y = root[split]["y"]
     n = y.shape[0]
-    blocks = [(lo, min(lo + _STD_BLOCK, n)) for lo in range(0, n, _STD_BLOCK)]
     count = n * y.shape[1]
-    mean = sum(y[lo:hi].sum(axis=(0, 1)) for lo, hi in blocks) / count  # (S,)
-    var = sum(((y[lo:hi] - mean) ** 2).sum(axis=(0, 1)) for lo, hi in blocks) / count
-    return np.sqrt(var)
+    runner = runner or InProcess()
+    target = target or root
+    blocks = [(target, split, lo, min(lo + _STD_BLOCK, n)) for lo in range(0, n, _STD_BLOCK)]
+
+    def total(mean) -> np.ndarray:
+        sums = {}
+        for batch in runner.run(_block_sums, [(*b, mean) for b in blocks]):
+            sums.update((item[2], value) for item, value in batch)
+        return sum(sums[lo] for _, _, lo, _ in blocks)  # in block order: fixed rounding
+
+    mean = total(None) / count  # (S,)
+    return np.sqrt(total(mean) / count)
+
+
+def _block_sums(target, split: str, lo: int, hi: int, mean: np.ndarray | None) -> np.ndarray:
+    """Σ y over trajectories lo:hi and time, or Σ (y - mean)² when `mean` is given, ``(S,)``."""
+    root = (
+        target
+        if isinstance(target, zarr.Group)
+        else zarr.open_group(location.zarr_target(target), mode="r")
+    )
+    y = root[split]["y"][lo:hi]  # (B, T, S)
+    return y.sum(axis=(0, 1)) if mean is None else ((y - mean) ** 2).sum(axis=(0, 1))
 
 
 def trajectory_noise(seed: int, split: str, index: int, shape: tuple[int, int]) -> np.ndarray:
@@ -437,19 +566,21 @@ def trajectory_noise(seed: int, split: str, index: int, shape: tuple[int, int]) 
     return np.random.default_rng(seq).standard_normal(shape)
 
 
-def _write_noise(root, split: str, k: int, chunk: int, sigma: np.ndarray, seed: int) -> None:
-    """Write obs = y + σ·ε for chunk `k` of `split`, then mark it done."""
-    group, marks = root[split], root[_PROGRESS][split]
+def _write_noise(target: str, split: str, k: int, sigma: np.ndarray) -> None:
+    """Write obs = y + σ·ε for chunk `k` of `split` (a task, like `_write_chunk`)."""
+    root = zarr.open_group(location.zarr_target(target), mode="r+")
+    args = root.attrs["warp_phys"]["arguments"]
+    chunk, seed, group = args["chunk"], args["seed"], root[split]
     lo, hi = k * chunk, min((k + 1) * chunk, group["y"].shape[0])
     y = group["y"][lo:hi]  # (B, T, S)
     eps = np.stack([trajectory_noise(seed, split, i, y.shape[1:]) for i in range(lo, hi)])
     group["obs"][lo:hi] = y + sigma * eps
-    marks["obs_done"][k] = 1
 
 
-def _finalize(path: Path) -> None:
+def _finalize(loc) -> None:
     """Record value ranges, consolidate metadata, then (last) mark the store complete."""
-    root = zarr.open_group(path, mode="r+")
+    target = location.zarr_target(loc)
+    root = zarr.open_group(target, mode="r+")
     for split in _splits(root):
         marks = root[_PROGRESS][split]
         lo, hi = marks["y_min"][:].min(axis=0), marks["y_max"][:].max(axis=0)  # (S,)
@@ -459,21 +590,23 @@ def _finalize(path: Path) -> None:
         }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(path)
-    zarr.open_group(path, mode="r+").attrs["complete"] = True
+        zarr.consolidate_metadata(target)
+    zarr.open_group(target, mode="r+").attrs["complete"] = True
 
 
 # -- reading ----------------------------------------------------------------------------------
-def _open_root(path: Path, *, writing: bool = False):
+def _open_root(path, *, writing: bool = False):
     """Open the root group of one of our stores (any state), or raise StoreError."""
-    path = Path(path)
+    path = location.parse(path)
     if not path.exists():
         raise StoreError(
             f"no store at {path}; create it with `warp-phys generate SYSTEM --out {path}`"
         )
     try:
-        root = zarr.open_group(path, mode="r")
+        root = zarr.open_group(location.zarr_target(path, read_only=True), mode="r")
         ours = isinstance(root.attrs.get("warp_phys"), dict)
+    except UserError:
+        raise
     except Exception as err:  # unreadable metadata, not a zarr group, not a directory
         if path.is_dir() and (path / "zarr.json").is_file():
             raise StoreError(
@@ -513,12 +646,12 @@ def _splits(root) -> list[str]:
 def is_complete(path: str | os.PathLike) -> bool:
     """Return True only for a fully written warp-phys store."""
     try:
-        return _open_root(Path(path)).attrs.get("complete") is True
+        return _open_root(path).attrs.get("complete") is True
     except StoreError:
         return False
 
 
-def _open_complete(path: Path):
+def _open_complete(path):
     root = _open_root(path)
     if root.attrs.get("complete") is not True:
         with reading(path, "its progress marks"):
@@ -532,7 +665,7 @@ def _open_complete(path: Path):
     return root
 
 
-def _command(path: Path, args: dict) -> str:
+def _command(path, args: dict) -> str:
     """The `warp-phys generate` command that (re)creates a store with `args`."""
     parts = ["warp-phys generate", args["system"], f"--out {path}"]
     parts += [f"--n-{s.replace('_', '-')} {n}" for s, n in args["counts"].items()]
@@ -554,7 +687,7 @@ def _command(path: Path, args: dict) -> str:
 
 def open_split(path: str | os.PathLike, split: str) -> xr.Dataset:
     """Open one split of a complete store as a lazily loaded `xarray.Dataset`."""
-    path = Path(path)
+    path = location.parse(path)
     root = _open_complete(path)
     if split not in _splits(root):
         raise StoreError(
@@ -563,12 +696,13 @@ def open_split(path: str | os.PathLike, split: str) -> xr.Dataset:
     check_shapes(path, root, split)
     check_chunks_present(path, root, split)
     with reading(path, f"split {split}"):
-        return xr.open_zarr(path, group=split, consolidated=True)
+        target = location.zarr_target(path, read_only=True)
+        return xr.open_zarr(target, group=split, consolidated=True)
 
 
 def to_xarray(path: str | os.PathLike) -> xr.DataTree:
     """Open every split of a complete store as one `xarray.DataTree` (a node per split)."""
-    root = _open_complete(Path(path))
+    root = _open_complete(path)
     tree = xr.DataTree.from_dict({s: open_split(path, s) for s in _splits(root)})
     tree.attrs.update(dict(root.attrs))
     return tree
@@ -576,13 +710,13 @@ def to_xarray(path: str | os.PathLike) -> xr.DataTree:
 
 def store_info(path: str | os.PathLike) -> dict:
     """Summarise a complete store from its metadata (no data is read)."""
-    path = Path(path)
+    path = location.parse(path)
     root = _open_complete(path)
     with reading(path, "its metadata"):
         return _info(path, root)
 
 
-def _info(path: Path, root) -> dict:
+def _info(path, root) -> dict:
     meta = root.attrs["warp_phys"]
     args = meta["arguments"]
     first = root[_splits(root)[0]]
@@ -627,7 +761,7 @@ class TrajectoryDataset(torch.utils.data.Dataset):
             if split is None:
                 raise UserError(f"give the split to load from {source}; one of {', '.join(SPLITS)}")
             ds = open_split(source, split)
-        where = Path(source) if not isinstance(source, xr.Dataset) else Path("<dataset>")
+        where = location.parse(source) if not isinstance(source, xr.Dataset) else "<dataset>"
         with reading(where, f"split {split or ds.attrs.get('split', '')}"):
             self._load(ds)
 

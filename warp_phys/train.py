@@ -17,6 +17,9 @@ every schedule instead of cutting it off. A batch whose loss or gradient is not 
 rollout that blew up) is skipped without an update and counted; after MAX_SKIPPED_IN_A_ROW
 such batches in a row training stops early, and the best checkpoint is kept and evaluated
 with the reason in train_summary.json (so one diverging model never sinks a whole compare).
+Under torchrun (a process group is initialised) the model is wrapped in DistributedDataParallel
+and each process trains on its share of every batch, by the rule of `distributed.py` (the loss
+curve of one process, within float tolerance); rank 0 alone validates and writes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from warp_phys import distributed
 from warp_phys.atomic import remove_stale_tmp, write_bytes_atomic, write_json_atomic
 from warp_phys.config import ModelConfig, RunConfig, TrainConfig
 from warp_phys.data import Dataset
@@ -52,8 +56,8 @@ CHECKPOINT_KEYS = {"model", "optimizer", "state", "gen", "batch_rng"}  # what la
 
 
 def resolve_device(tcfg: TrainConfig, name: str | None = None) -> torch.device:
-    """Return the torch device of a run."""
-    name = name or tcfg.device
+    """Return the torch device of a run; under torchrun ``cuda`` is this process's GPU."""
+    name = distributed.device_for(name or tcfg.device)
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "CUDA was asked for (--device cuda) but torch sees no GPU here; use --device cpu"
@@ -230,7 +234,9 @@ def fit(
     checked before anything is written; then `on_start` is called and training begins.
     Progress: a bar on a terminal (`progress=None`: when stderr is one), else one log line
     per evaluation (logger ``warp_phys.train``, level INFO). Torch's CPU thread count is set
-    for the run only.
+    for the run only. In a torch.distributed process group (torchrun) every process calls
+    this: rank 0 alone calls `on_start`, validates and writes, and every process returns the
+    model with rank 0's best weights.
     """
     tcfg = config or TrainConfig()
     if not isinstance(model, AbstractForecaster):
@@ -244,6 +250,10 @@ def fit(
         )
     device = resolve_device(tcfg)
     check_context(context, data.n_steps)
+    main = distributed.current().main
+    distributed.check_world(
+        distributed.current().world, len(data.splits["train"].y), tcfg.batch_size
+    )
     with torch_threads(tcfg.threads):
         model.to(device)
         loop = _Loop(model, data, context, tcfg, run_dir, device)
@@ -254,9 +264,9 @@ def fit(
                 raise UserError("resume needs the run directory to resume from (run_dir=...)")
             loop.state = _resume(run_dir / "last.pt", model, loop.opt, loop.gen, loop.batch_rng)
             log.info("resumed %s at step %d", run_dir, loop.state.step)
-        if on_start is not None:
+        if on_start is not None and main:
             on_start()
-        if run_dir is not None:
+        if run_dir is not None and main:
             run_dir.mkdir(parents=True, exist_ok=True)
             for stale in remove_stale_tmp(run_dir):
                 log.info("removed %s, left by an interrupted write", stale)
@@ -306,13 +316,39 @@ class _Loop:
         self.scale = data.scale().to(device)
         self.T, self.device = data.n_steps, device
         self.best_weights = None  # in memory when there is no run directory
+        self.group = distributed.current()
+        self.loss_of = distributed.batch_loss(
+            model, step_loss, self.group, device, probe=self._every_weight_used
+        )
+
+    def _every_weight_used(self, loss_fn: Callable) -> bool:
+        """Whether every trainable weight gets a gradient in both phases (one trajectory each;
+        the random streams are left as they were)."""
+        ys, tcfg = self.train_y[:1], self.tcfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gen = torch.Generator(device=ys.device).manual_seed(0)
+        kw = dict(loss=tcfg.loss, penalty_weight=tcfg.penalty_weight, generator=gen)
+        with torch.random.fork_rng(devices=[ys.device] if ys.is_cuda else []):
+            for context, p, horizon in ((self.T, 0.0, 0), (self.L, 0.5, tcfg.loss_horizon)):
+                loss = loss_fn(
+                    self.model,
+                    ys,
+                    self.scale,
+                    context=context,
+                    teacher_prob=p,
+                    horizon=horizon,
+                    **kw,
+                )
+                if any(g is None for g in torch.autograd.grad(loss, params, allow_unused=True)):
+                    return False
+        return True
 
     def val(self) -> float:
         return val_score(self.model, self.val_y, self.scale, self.L, 4 * self.tcfg.batch_size)
 
     def keep_if_best(self, val: float) -> None:
         """Keep the weights when `val` beats the best so far (an inf score never wins, but one
-        is always kept): best.pt in the run directory, else a copy in memory."""
+        is always kept): best.pt in the run directory, else a copy in memory (rank 0 only)."""
         state = self.state
         if val < state.best_val or state.best_step < 0:
             state.best_val, state.best_step = val, state.step
@@ -323,7 +359,7 @@ class _Loop:
                 save_atomic({"model": weights, "step": state.step}, self.run_dir / "best.pt")
 
     def checkpoint(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.group.main:
             _checkpoint(self.run_dir, self.model, self.opt, self.state, self.gen, self.batch_rng)
 
     def run(self, bar_on: bool) -> dict:
@@ -332,7 +368,7 @@ class _Loop:
         bar = tqdm(
             total=100 if budget else tcfg.steps,
             initial=0 if budget else state.step,
-            disable=not bar_on,
+            disable=not (bar_on and self.group.main),
             desc=self.name,
             leave=False,
             unit="%" if budget else "step",
@@ -340,14 +376,18 @@ class _Loop:
             if budget
             else None,
         )
-        if state.step == 0 and not state.history:  # the initial model is a candidate too
+        main = self.group.main  # under torchrun rank 0 alone validates and writes
+        if state.step == 0 and not state.history and main:  # the untrained model is a candidate
             val0 = self.val()
             state.history.append({"step": 0, "phase": "init", "time": 0.0, "val": val0})
             self.keep_if_best(val0)
         start = time.perf_counter() - state.elapsed
         stopped, in_a_row = "", 0
         while state.step < tcfg.steps:
-            frac = _progress(tcfg, state.step, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            if self.group.world > 1 and tcfg.max_seconds > 0:  # one clock: rank 0's
+                elapsed = distributed.broadcast_float(elapsed)
+            frac = _progress(tcfg, state.step, elapsed)
             if frac >= 1.0:
                 break
             idx = torch.randint(
@@ -356,9 +396,9 @@ class _Loop:
             )  # fmt: skip
             teacher = frac < tcfg.teacher_forced_fraction
             p = _teacher_prob(tcfg, frac)
-            loss = step_loss(
-                model,
-                self.train_y[idx.to(self.device)],
+            loss = self.loss_of(
+                self.train_y,
+                idx,
                 self.scale,
                 context=self.T if teacher else self.L,
                 teacher_prob=0.0 if teacher else p,
@@ -399,7 +439,7 @@ class _Loop:
                 "phase": "teacher" if teacher else "auto",
                 "time": now,
             }
-            if state.step % tcfg.eval_every == 0 or state.step == tcfg.steps:
+            if main and (state.step % tcfg.eval_every == 0 or state.step == tcfg.steps):
                 record["val"] = self.val()
                 self.keep_if_best(record["val"])
                 log.info(
@@ -412,7 +452,7 @@ class _Loop:
             if "val" in record:
                 self.checkpoint()
         bar.close()
-        if state.best_step < 0 or state.history and "val" not in state.history[-1]:
+        if main and (state.best_step < 0 or state.history and "val" not in state.history[-1]):
             record_val = self.val()
             if state.history:
                 state.history[-1]["val"] = record_val
@@ -420,13 +460,18 @@ class _Loop:
         self.checkpoint()
         if stopped:
             log.warning("%s: training stopped early: %s", self.name, stopped)
-        summary = _summary(state, model, stopped)
-        if self.run_dir is not None:
+        summary = _summary(state, model, stopped) | {"processes": self.group.world}
+        if self.run_dir is not None and main:
             _write_run_files(self.run_dir, state, summary)
-            load_weights(model, load_checkpoint(self.run_dir / "best.pt")["model"], "best.pt")
-        elif self.best_weights is not None:
-            model.load_state_dict(self.best_weights)
+        best = distributed.on_main(self._best_weights)  # every process: rank 0's best weights
+        if best is not None:
+            load_weights(model, best, "best.pt")
         return summary
+
+    def _best_weights(self) -> dict | None:
+        if self.run_dir is not None:
+            return load_checkpoint(self.run_dir / "best.pt")["model"]
+        return self.best_weights
 
 
 def _check_predicts_std(model: nn.Module, ys: Tensor, n_steps: int) -> None:
@@ -442,8 +487,10 @@ def _check_predicts_std(model: nn.Module, ys: Tensor, n_steps: int) -> None:
 
 
 def _resume(path: Path, model, opt, gen, batch_rng) -> TrainState:
-    """Load last.pt into the model, optimiser and generators; return the training state."""
-    ckpt = load_checkpoint(path)
+    """Load last.pt into the model, optimiser and generators; return the training state.
+
+    Under torchrun rank 0 reads it and every process gets its content."""
+    ckpt = distributed.on_main(lambda: load_checkpoint(path))
     if set(ckpt) != CHECKPOINT_KEYS:
         raise UserError(
             f"checkpoint {path} is not a last.pt of this warp-phys version (keys "
