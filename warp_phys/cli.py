@@ -77,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         noise=args.noise,
         progress=not args.quiet,
     )
-    if args.dask:
+    if args.dask is not None:
         from warp_phys.cluster import connect, dashboard
 
         with connect(args.dask, timeout=args.dask_timeout) as client:
