@@ -169,7 +169,11 @@ class OnDask:
 
 
 def _result(future, item: tuple):
-    """A finished future's result; a dead worker or a lost scheduler is one line naming the fix."""
+    """A finished future's result, or the task's own error; a worker that died again and again,
+    or a lost scheduler, is one line naming the fix."""
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
 
     try:
@@ -179,12 +183,10 @@ def _result(future, item: tuple):
             f"dask workers died repeatedly while running task {item[1:3]} (out of memory, or "
             f"killed); what finished is kept: run the same command again to resume"
         ) from None
-    except (OSError, TimeoutError) as err:
-        if isinstance(err, UserError):
-            raise
+    except (CommClosedError, CancelledError) as err:
         raise UserError(
-            f"lost the dask cluster ({type(err).__name__}: {err}); what finished is kept: run "
-            f"the same command again to resume"
+            f"lost the dask cluster ({type(err).__name__}); what finished is kept: run the "
+            f"same command again to resume"
         ) from None
 
 
