@@ -114,7 +114,7 @@ def main() -> None:
         )
         sets = [f"train.steps={steps}", "train.max_seconds=0", f"train.batch_size={args.batch}",
                 "train.eval_every=1000000", "train.teacher_forced_fraction=0.5", "data.context=100"]  # fmt: skip
-        opts = ["--data", str(store), "--model", "warp", "--no-progress"]
+        opts = ["--data", str(store), "--model", "warp", "-q"]
         opts += [a for s in sets for a in ("--set", s)]
         one = [sys.executable, "-m", "warp_phys", "train", *opts, "--out", str(tmp / "one")]
         two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]

@@ -41,7 +41,7 @@ def test_a_memory_store_is_written_read_and_trained_on(msd_store, tmp_path, caps
     data = load_dataset(url)
     assert isinstance(data.path, RemotePath) and str(data.path) == url
     args = ["train", "--data", url, "--model", "gru", "--out", str(tmp_path / "run")]
-    args += ["--no-progress", "--set", "train.steps=2", "--set", "data.context=100"]
+    args += ["-q", "--set", "train.steps=2", "--set", "data.context=100"]
     assert main(args) == 0
     assert f'"path": "{url}"' in (tmp_path / "run" / "run.json").read_text()
 
@@ -157,5 +157,5 @@ def test_an_s3_store_resumes_and_matches_the_local_one(s3, msd_store, monkeypatc
     data = load_dataset(url)
     assert data.fingerprint == fingerprint(msd_store)
     args = ["train", "--data", url, "--model", "gru", "--out", str(tmp_path / "run")]
-    args += ["--no-progress", "--set", "train.steps=2", "--set", "data.context=100"]
+    args += ["-q", "--set", "train.steps=2", "--set", "data.context=100"]
     assert main(args) == 0
