@@ -87,6 +87,44 @@ def test_dask_bytes_do_not_depend_on_the_chunk(client, one_process, tmp_path):
     assert_same(arrays(path, splits), arrays(one_process, splits))
 
 
+PLUGIN = '''
+from warp_phys import Box, Param, System, register_system
+
+
+@register_system("dask_plugin_decay")
+class Decay(System):
+    """x' = -k x."""
+
+    state = ("x",)
+    params = {"k": Param(1.0, train=(0.5, 1.5))}
+    y0 = Box(low=(0.5,), high=(1.5,))
+    n_steps = 16
+
+    def vector_field(self, t, y, p):
+        return -p.k.unsqueeze(-1) * y
+'''
+
+
+def test_workers_register_the_plugin_systems_of_the_client(client, tmp_path, monkeypatch):
+    from warp_phys import registry
+    from warp_phys.system import SYSTEMS
+
+    monkeypatch.setattr(registry, "_plugin_folders", [])
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "decay.py").write_text(PLUGIN)
+    registry.add_plugin_folder(folder)
+    try:
+        counts = {"train": 5, "val": 1, "test": 1, "test_ood": 1}
+        system = get_system("dask_plugin_decay")
+        generate_store(system, tmp_path / "d.zarr", counts=counts, chunk=2, progress=False,
+                       client=client)  # fmt: skip
+        generate_store(system, tmp_path / "o.zarr", counts=counts, chunk=2, progress=False)
+        assert_same(arrays(tmp_path / "d.zarr"), arrays(tmp_path / "o.zarr"))
+    finally:
+        SYSTEMS.unregister("dask_plugin_decay")
+
+
 def test_a_memory_store_is_refused_with_dask(client, tmp_path):
     with pytest.raises(ValueError, match="dask workers cannot reach"):
         generate_store(get_system("msd"), "memory://w/x.zarr", counts=COUNTS, client=client)

@@ -50,6 +50,12 @@ def add_plugin_folder(folder: str | os.PathLike) -> None:
             _load_plugins()
 
 
+def plugin_folders() -> list[Path]:
+    """The plugin folders in use: WARP_PHYS_PLUGINS's, then those added (a dask worker is
+    given them, so that it registers the same systems)."""
+    return _plugin_paths()
+
+
 def _plugin_paths() -> list[Path]:
     env = [Path(p).expanduser() for p in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
     for path in env:

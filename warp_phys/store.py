@@ -63,6 +63,7 @@ from warp_phys.cluster import InProcess, OnDask
 from warp_phys.errors import StoreError, UserError
 from warp_phys.integrity import check_chunks_present, check_shapes, reading
 from warp_phys.places import check_disk_space, check_parent, claim
+from warp_phys.registry import add_plugin_folder, plugin_folders
 from warp_phys.simulate import (
     DEFAULT_ATOL,
     DEFAULT_METHOD,
@@ -178,7 +179,8 @@ def _fill(loc, system: System, arguments: dict, *, progress: bool, runner) -> Ge
     counts, chunk, noise = arguments["counts"], arguments["chunk"], arguments.get("noise", 0.0)
     total = _n_chunks(counts, chunk)
     target = location.absolute(loc)  # what a worker opens: the same place from anywhere
-    own = system if runner.in_process else None  # workers rebuild it from the registry
+    # workers rebuild the system from their registry, with this process's plugin folders
+    own = system if runner.in_process else tuple(str(p.resolve()) for p in plugin_folders())
     root = zarr.open_group(location.zarr_target(loc), mode="r+")
 
     todo = [
@@ -469,15 +471,17 @@ def _create_marks(group, n_chunks: int, state_dim: int, noisy: bool = False) -> 
         _array(group, name, shape=shape, dims=("chunk", "state"), chunks=chunks)
 
 
-def _write_chunk(target: str, split: str, k: int, system: System | None):
+def _write_chunk(target: str, split: str, k: int, system: System | tuple[str, ...]):
     """Integrate chunk `k` of `split` into the store at `target`; return its per-state
     ``(y_min, y_max)`` for the marks. A task: it runs here or on a dask worker (`cluster.py`),
-    which rebuilds `system` (None) from the registry, checked against the store's."""
+    which is given plugin folders instead of the system and rebuilds it from its registry,
+    checked against the store's."""
     root = zarr.open_group(location.zarr_target(target), mode="r+")
     args = root.attrs["warp_phys"]["arguments"]
     chunk, method, rtol, atol = args["chunk"], args["method"], args["rtol"], args["atol"]
-    workers = None if system is not None else 1  # never fork inside a dask worker
-    system = system or _worker_system(target, root)
+    on_worker = not isinstance(system, System)
+    workers = 1 if on_worker else None  # never fork inside a dask worker
+    system = _worker_system(target, root, system) if on_worker else system
     group = root[split]
     lo, hi = k * chunk, min((k + 1) * chunk, group["y"].shape[0])
     params = torch.from_numpy(group["params"][lo:hi])  # (B, P)
@@ -500,11 +504,13 @@ def _write_chunk(target: str, split: str, k: int, system: System | None):
 _SYSTEMS: dict[tuple[str, str], System] = {}  # per worker process: the system of each store
 
 
-def _worker_system(target: str, root) -> System:
+def _worker_system(target: str, root, plugins: tuple[str, ...]) -> System:
     """The registered system of the store at `target`, as `integrity.store_system` checks it:
     a worker whose registry differs from the client's is an error, never other bytes."""
     from warp_phys.integrity import store_system
 
+    for folder in plugins:
+        add_plugin_folder(folder)
     key = (target, json.dumps(root.attrs["warp_phys"]["arguments"], sort_keys=True))
     if key not in _SYSTEMS:
         _SYSTEMS[key] = store_system(target, root, _splits(root))
