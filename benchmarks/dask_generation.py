@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -46,8 +47,14 @@ def command(out: Path, n: int, chunk: int, dask: str | None) -> list[str]:
     return cmd + (["--dask", dask] if dask else [])
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed_command(cmd: list[str]) -> dict:
-    before = load()
+    """Wall time and CPU time (the command and every process it started and reaped)."""
+    before, cpu = load(), children_cpu()
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -56,6 +63,7 @@ def timed_command(cmd: list[str]) -> dict:
     return {
         "command": " ".join(cmd[2:]),
         "wall_s": wall,
+        "cpu_s": children_cpu() - cpu,
         "load_before": before,
         "load_after": load(),
     }
@@ -93,11 +101,13 @@ def breakdown(out: Path, n: int, chunk: int, workers: int) -> dict:
         client.run(lambda: __import__("warp_phys.store"))  # imports, outside the timing
         up = time.perf_counter() - t0
         noop = _noop_overhead(client)
+        cpu0 = client.run(time.process_time)  # per worker process
         t1 = time.perf_counter()
         with get_task_stream(client) as ts:
             generate_store(get_system("lorenz63"), out, counts=counts, chunk=chunk, client=client,
                            progress=False)  # fmt: skip
         gen = time.perf_counter() - t1
+        cpu1 = client.run(time.process_time)
         t2 = time.perf_counter()
     close = time.perf_counter() - t2
     tasks = [t for t in ts.data if "_write_chunk" in str(t["key"])]
@@ -118,6 +128,7 @@ def breakdown(out: Path, n: int, chunk: int, workers: int) -> dict:
             "max": float(np.max(compute)),
         },  # fmt: skip
         "worker_idle_per_chunk_s": idle / chunks,
+        "worker_cpu_s": sum(cpu1[w] - cpu0[w] for w in cpu0),
         "noop_task_overhead_s": noop,
         "load_before": before,
         "load_after": load(),
@@ -219,6 +230,10 @@ def main() -> None:
         "runs": runs,
         "ratio": runs["one_process"]["wall_s"] / runs["dask"]["wall_s"],
         "identical_bytes": identical,
+        # if the two cores were ours: the single process at its CPU time; the dask run at its
+        # cluster start and close, plus its workers' CPU shared by the workers
+        "ratio_if_idle": runs["one_process"]["cpu_s"]
+        / (br["cluster_start_s"] + br["close_s"] + br["worker_cpu_s"] / args.workers),
         "breakdown": br,
         "client_marks_s_per_chunk": marks,
         "projection": projection(one, br, marks),

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from warp_phys.cli import main
 from warp_phys.config import load_config
 from warp_phys.distributed import Group, check_world, share
-from warp_phys.errors import UserError
+from warp_phys.errors import RankError, UserError
 from warp_phys.run import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +185,21 @@ def test_other_verbs_under_torchrun_name_the_fix(monkeypatch, capsys):
     assert "runs in one process; run it without torchrun" in capsys.readouterr().err
     assert main(["generate", "msd", "--out", "x.zarr"]) == 2
     assert "--dask" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "rank, error, shown",
+    [("0", UserError, True), ("1", UserError, False), ("1", RankError, True)],
+)
+def test_rank_0_reports_what_every_process_meets_another_only_its_own(
+    monkeypatch, capsys, rank, error, shown
+):
+    import warp_phys.cli as cli
+
+    def failing(args):
+        raise error("the store is not there")
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(cli, "cmd_info", failing)
+    assert main(["info", "x.zarr"]) == 2
+    assert ("the store is not there" in capsys.readouterr().err) == shown

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from warp_phys.errors import UserError
+from warp_phys.errors import RankError, UserError
 
 _COUNTS = {
     "train": 1024,
@@ -562,9 +562,7 @@ def _rank() -> int:
 
 def _check_launcher(command: str) -> None:
     """Only train and compare run on several processes (torchrun); the rest runs in one."""
-    from warp_phys.distributed import launched_world
-
-    if launched_world() > 1 and command not in ("train", "compare"):
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and command not in ("train", "compare"):
         hint = " (spread it over a dask cluster with --dask)" if command == "generate" else ""
         raise UserError(
             f"`warp-phys {command}` runs in one process{hint}; run it without torchrun "
@@ -594,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_launcher(args.command)
         return int(args.func(args) or 0)
     except UserError as err:
-        if _rank() == 0:  # under torchrun every process fails alike: one line, from rank 0
+        # under torchrun rank 0 reports what every process meets; another, only its own
+        if _rank() == 0 or isinstance(err, RankError):
             print(f"warp-phys: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

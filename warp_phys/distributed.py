@@ -40,12 +40,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from warp_phys.errors import UserError
+from warp_phys.errors import RankError, UserError
 
 log = logging.getLogger(__name__)
 # rank 0 evaluates a model (and, in a compare, the references) while the others wait for the
 # next model: a generous limit on one collective, so that waiting is never taken for a hang
 TIMEOUT = datetime.timedelta(hours=6)
+
+
+class SameEverywhere(UserError):
+    """An error every process meets alike (a check of the shared inputs, or rank 0's decision):
+    rank 0 reports it, once."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,15 @@ def session(device: str) -> Iterator[Group]:
             )
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    group = current()
     try:
-        yield current()
+        yield group
+    except SameEverywhere:
+        raise
+    except UserError as err:  # this process's own: the others may not have met it
+        if group.main:
+            raise
+        raise RankError(f"(process {group.rank}) {err}") from None
     finally:
         dist.destroy_process_group()
 
@@ -113,7 +125,7 @@ def device_for(name: str) -> str:
 
 def on_main(fn: Callable[[], object]) -> object:
     """Call `fn` on rank 0 and return its result on every rank; a UserError it raises is
-    raised on every rank (so every rank stops with the same line)."""
+    raised on every rank (as `SameEverywhere` on the others: rank 0 reports it)."""
     group = current()
     if group.world == 1:
         return fn()
@@ -125,7 +137,7 @@ def on_main(fn: Callable[[], object]) -> object:
             box[0] = ("error", type(err), str(err))
     dist.broadcast_object_list(box, src=0, device=_comm_device())
     if box[0][0] == "error":
-        raise box[0][1](box[0][2])
+        raise (box[0][1] if group.main else SameEverywhere)(box[0][2])
     return box[0][1]
 
 
@@ -136,17 +148,17 @@ def _comm_device() -> torch.device:
 
 
 def check_world(world: int, n_train: int, batch: int) -> None:
-    """Raise UserError when some rank would get no trajectory of a batch."""
+    """Raise SameEverywhere (a UserError) when some rank would get no trajectory of a batch."""
     if world <= 1:
         return
     if n_train < world:
-        raise UserError(
+        raise SameEverywhere(
             f"torchrun started {world} processes but the training split has {n_train} "
             f"trajectories: each process needs at least one; use --nproc-per-node {n_train} or "
             f"fewer, or generate more training trajectories"
         )
     if batch < world:
-        raise UserError(
+        raise SameEverywhere(
             f"train.batch_size = {batch} is smaller than the {world} processes torchrun "
             f"started: each needs at least one trajectory per batch; set train.batch_size to "
             f"at least {world} or use --nproc-per-node {batch}"

@@ -13,3 +13,8 @@ class DivergenceError(UserError):
 
 class StoreError(UserError):
     """A store is missing, truncated, or not one of ours."""
+
+
+class RankError(UserError):
+    """Under torchrun, an error of one process other than rank 0 (its own disk or GPU, say):
+    that process reports it (rank 0 reports the errors every process meets alike)."""
