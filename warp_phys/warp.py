@@ -23,8 +23,9 @@ Speed (`runtime`, a `warp_phys.runtime.Runtime`): the dense products run at its 
 (`_Rollout`: one Aᵀ product per step, dL/dA batched over 32 steps, the root's gradient by
 local autograd); `checkpoint_every=K` keeps only every K-th state and recomputes the rest
 (time chunks of the teacher-forced scan go through `torch.utils.checkpoint`, as do the
-cache-sized chunks of `prefix_chunk`); `compile_root` compiles the root's step. Nothing in the loop reads a value back to the host, so a whole training step
-can be captured as a CUDA graph.
+cache-sized chunks of `prefix_chunk`); `compile_root` compiles the root's step. Nothing in
+the loop reads a value back to the host, so a whole training step can be captured as a CUDA
+graph. The forecast loop itself is `rollout.ForecastStep`.
 """
 
 from __future__ import annotations
