@@ -257,7 +257,7 @@ def bench_mm(sizes: dict, dev: torch.device) -> dict:
 
 
 def _fp32_mode(p: str, dev: torch.device):
-    from warp_phys.scan import _mode
+    from warp_phys.precision import _mode
 
     return _mode(p, torch.empty(0, device=dev))
 
@@ -906,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         summarize(res, dev)
         (args.out / "gpu.md").write_text(markdown(res))
     meta["total_s"] = round(time.perf_counter() - t0, 1)
-    from warp_phys.scan import _MM_OUT_DTYPE
+    from warp_phys.precision import _MM_OUT_DTYPE
 
     meta["mm_out_dtype_float32"] = _MM_OUT_DTYPE[0] if _MM_OUT_DTYPE else None
     summarize(res, dev)

@@ -22,10 +22,8 @@ from warp_phys import DivergenceError, StoreError, UserError, get_system
 from warp_phys.cli import main
 from warp_phys.simulate import simulate
 from warp_phys.store import (
-    TrajectoryDataset,
     generate_store,
     is_complete,
-    make_loader,
     open_split,
     store_info,
     to_xarray,
@@ -314,20 +312,20 @@ def test_opening_what_is_not_a_complete_store_raises(tmp_path, msd_store):
         open_split(copy, "train")
 
 
-def test_torch_dataset_and_loader(msd_store, counts):
+def test_a_split_loads_as_tensors_and_batches(msd_store, counts):
+    from warp_phys.data import load_dataset
+
     ds = open_split(msd_store, "train")
-    data = TrajectoryDataset(msd_store, "train")
-    assert len(data) == counts["train"] and data.state == ("x", "v")
-    item = data[3]
-    assert item["y"].dtype == torch.float32 and item["y"].shape == (256, 2)
-    assert item["params"].shape == (3,) and item["y0"].shape == (2,)
-    np.testing.assert_array_equal(item["y"].numpy(), ds["y"].values[3].astype(np.float32))
-    assert torch.equal(TrajectoryDataset(ds).y, data.y)
-    batches = [b["params"] for b in make_loader(msd_store, "train", batch_size=4, seed=1)]
-    again = [b["params"] for b in make_loader(msd_store, "train", batch_size=4, seed=1)]
+    data = load_dataset(msd_store)
+    split = data.splits["train"]
+    assert split.y.shape == (counts["train"], 256, 2) and split.y.dtype == torch.float32
+    np.testing.assert_array_equal(split.y.numpy(), ds["y"].values.astype(np.float32))
+    batches = [b["params"] for b in data.loader("train", batch_size=4, seed=1)]
+    again = [b["params"] for b in data.loader("train", batch_size=4, seed=1)]
     assert [b.shape[0] for b in batches] == [4, 4, 2]
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
-    assert torch.equal(torch.cat(batches).sort(0).values, data.params.sort(0).values)
+    want = torch.from_numpy(split.params).sort(0).values
+    assert torch.equal(torch.cat(batches).sort(0).values, want)
 
 
 def test_to_xarray_and_store_info(msd_store, counts):

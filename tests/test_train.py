@@ -276,3 +276,24 @@ def test_a_non_finite_gradient_makes_no_update(optimizer):
     assert not opt.step((w * torch.tensor([1.0, float("inf"), 1.0])).sum() * 0.0, 0.5)
     assert torch.equal(w.detach(), torch.ones(3))  # inf · 0 = NaN gradient: untouched
     assert opt.step(w.sum(), 0.5) and not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_the_paper_plateau_halves_the_rate_after_20_flat_windows_of_50_steps_with_a_floor():
+    from warp_phys.optim import WindowedPlateau
+
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    plateau = WindowedPlateau(opt)
+    for _ in range(50 * 21):  # the first window sets the best, 20 flat ones are patience
+        plateau.step(1.0)
+    assert opt.param_groups[0]["lr"] == 1.0
+    for _ in range(50):  # the 21st flat window after the best: halve
+        plateau.step(1.0)
+    assert opt.param_groups[0]["lr"] == 0.5
+    for _ in range(50 * 21 * 20):  # many more plateaus: never below 1e-2 of the initial rate
+        plateau.step(1.0)
+    assert opt.param_groups[0]["lr"] == 0.01
+    state = plateau.state_dict()
+    again = WindowedPlateau(torch.optim.SGD([w], lr=1.0))
+    again.load_state_dict(state)
+    assert again.state_dict() == state

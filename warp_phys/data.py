@@ -64,6 +64,22 @@ class Dataset:
         """Per-state standard deviation of the training data, ``(S,)`` (loss and input units)."""
         return self.splits["train"].y.std(dim=(0, 1)).clamp_min(1e-6)
 
+    def loader(
+        self, split: str, *, batch_size: int = 64, shuffle: bool = True, seed: int = 0
+    ) -> torch.utils.data.DataLoader:
+        """A torch DataLoader over one split: batches of dicts with ``y`` (what is observed,
+        ``(B, T, S)``), ``truth`` (clean) and ``params (B, P)``."""
+        if split not in self.splits:
+            raise UserError(f"no split {split!r} loaded; splits: {', '.join(self.splits)}")
+        sp = self.splits[split]
+        items = torch.utils.data.StackDataset(
+            y=sp.y, truth=sp.truth, params=torch.from_numpy(sp.params)
+        )
+        return torch.utils.data.DataLoader(
+            items, batch_size=batch_size, shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
     def offset(self) -> Tensor:
         return self.splits["train"].y.mean(dim=(0, 1))
 

@@ -39,16 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-# _MM_OUT_DTYPE, Anchor and _mode are not used here: re-exported for callers of the old location
-from warp_phys.precision import (  # noqa: F401
-    _MM_OUT_DTYPE,
-    PRECISIONS,
-    Anchor,
-    Residual,
-    _mode,
-    grad_precision,
-    matmul,
-)
+from warp_phys.precision import PRECISIONS, Residual, grad_precision, matmul
 
 METHODS = ("auto", "loop", "sequential", "chunked", "doubling")
 

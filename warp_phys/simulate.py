@@ -35,8 +35,7 @@ import torchdiffeq
 from torch import Tensor
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
-# MAX_STEPS and Field are not used here: re-exported for callers of the old location
-from warp_phys.dop853 import MAX_STEPS, Field, _dop853, _Stuck  # noqa: F401
+from warp_phys.dop853 import _dop853, _Stuck
 from warp_phys.errors import DivergenceError, UserError
 from warp_phys.system import System
 from warp_phys.workers import _Child, default_workers

@@ -454,10 +454,8 @@ def _split_attrs(system: System, split: str, arguments: dict) -> dict:
 
 
 def _integrator_attrs(method: str, rtol: float, atol: float) -> dict:
-    """`simulate.integrator_attrs` (which also validates) where present, else a plain record."""
-    describe = getattr(simulate_module, "integrator_attrs", None)
-    plain = {"integrator": "torchdiffeq.odeint", "method": method, "rtol": rtol, "atol": atol}
-    return describe(method, rtol, atol) if describe else plain
+    """The integrator's record for the store (`simulate.integrator_attrs`, which validates)."""
+    return simulate_module.integrator_attrs(method, rtol, atol)
 
 
 def _create_marks(group, n_chunks: int, state_dim: int, noisy: bool = False) -> None:
@@ -749,60 +747,3 @@ def _info(path, root) -> dict:
         "version": meta["version"],
         "splits": splits,
     }
-
-
-# -- torch view -------------------------------------------------------------------------------
-class TrajectoryDataset(torch.utils.data.Dataset):
-    """A split in memory as float32 tensors; item ``i`` is ``dict(y (T, S), params (P,), y0 (S,))``.
-
-    Args:
-        source: a store path, or a Dataset from `open_split`.
-        split: the split to load when `source` is a path.
-    """
-
-    def __init__(self, source: str | os.PathLike | xr.Dataset, split: str | None = None) -> None:
-        if isinstance(source, xr.Dataset):
-            ds = source
-        else:
-            if split is None:
-                raise UserError(f"give the split to load from {source}; one of {', '.join(SPLITS)}")
-            ds = open_split(source, split)
-        where = location.parse(source) if not isinstance(source, xr.Dataset) else "<dataset>"
-        with reading(where, f"split {split or ds.attrs.get('split', '')}"):
-            self._load(ds)
-
-    def _load(self, ds: xr.Dataset) -> None:
-        n, T, S = ds["y"].shape
-        self.y = torch.empty((n, T, S), dtype=torch.float32)
-        step = max(1, ds["y"].encoding.get("chunks", (n,))[0])
-        for lo in range(0, n, step):  # chunk by chunk: never a float64 copy of the whole split
-            self.y[lo : lo + step] = torch.from_numpy(np.array(ds["y"][lo : lo + step].values))
-        self.params = torch.tensor(ds["params"].values, dtype=torch.float32)  # (n, P)
-        self.y0 = torch.tensor(ds["y0"].values, dtype=torch.float32)  # (n, S)
-        self.times = torch.tensor(ds["time"].values, dtype=torch.float64)  # (T,)
-        self.state = tuple(str(s) for s in ds["state"].values)
-        self.parameter = tuple(str(p) for p in ds["parameter"].values)
-        self.attrs = dict(ds.attrs)
-
-    def __len__(self) -> int:
-        return self.y.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"y": self.y[i], "params": self.params[i], "y0": self.y0[i]}
-
-
-def make_loader(
-    path: str | os.PathLike,
-    split: str,
-    *,
-    batch_size: int = 64,
-    shuffle: bool = True,
-    seed: int = 0,
-) -> torch.utils.data.DataLoader:
-    """Return a DataLoader over a split; batches are dicts of ``y (B, T, S)``, `params`, `y0`."""
-    if not _is_int(batch_size) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer; got {batch_size!r}")
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.utils.data.DataLoader(
-        TrajectoryDataset(path, split), batch_size=batch_size, shuffle=shuffle, generator=generator
-    )

@@ -23,8 +23,9 @@ Speed (`runtime`, a `warp_phys.runtime.Runtime`): the dense products run at its 
 (`_Rollout`: one Aᵀ product per step, dL/dA batched over 32 steps, the root's gradient by
 local autograd); `checkpoint_every=K` keeps only every K-th state and recomputes the rest
 (time chunks of the teacher-forced scan go through `torch.utils.checkpoint`, as do the
-cache-sized chunks of `prefix_chunk`); `compile_root` compiles the root's step. Nothing in the loop reads a value back to the host, so a whole training step
-can be captured as a CUDA graph.
+cache-sized chunks of `prefix_chunk`); `compile_root` compiles the root's step. Nothing in
+the loop reads a value back to the host, so a whole training step can be captured as a CUDA
+graph. The forecast loop itself is `rollout.ForecastStep`.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from warp_phys.errors import UserError
-from warp_phys.forecaster import AbstractForecaster, Forecast, feed_mask, select
-from warp_phys.rollout import _Rollout, _root_graph
+from warp_phys.forecaster import AbstractForecaster, Forecast
+from warp_phys.rollout import ForecastStep, Spec, _Rollout
 from warp_phys.root import AbstractRoot
 from warp_phys.runtime import Runtime
 from warp_phys.scan import LinearOp, prepare, scan
@@ -57,28 +58,6 @@ class _Trajectory(NamedTuple):
     std: Tensor | None  # (B, T-1, S)
     theta: Tensor | None  # (B, T-1, Dp) θ_t for t = 0..T-2, when asked
     fed: Tensor | None  # (B, T-1, S) x_t for t = 0..T-2, when asked
-
-
-class _Spec(NamedTuple):
-    """What a pass over ys needs besides the tensors it differentiates."""
-
-    ys: Tensor  # (B, T, S) the truth
-    tau: Tensor  # (T-1,) τ_{t+1}
-    dtau: float
-    L: int  # steps t < L are teacher-forced
-    p: float  # teacher-forcing probability of the forecast steps
-    generator: torch.Generator | None
-    precision: str  # of the dense products
-
-
-class _Steps(NamedTuple):
-    """Per-step results of the forecast loop (lists over t = L..T-2)."""
-
-    means: list  # (B, 1, S)
-    stds: list  # (B, 1, S) or None
-    thetas: list  # (B, 1, Dp), when asked
-    fed: list  # (B, 1, S), when asked
-    masks: list  # which samples were fed the truth: (B,) bool, or True / False for all
 
 
 def hypernet(state_dim: int, init: Tensor) -> nn.Sequential:
@@ -216,7 +195,7 @@ class WARP(AbstractForecaster):
             u = u + dtau * self.time_map
         return F.pad(u, (0, self.padded_dim - self.n_weights))
 
-    def _drive_map(self) -> Tensor:
+    def drive_map(self) -> Tensor:
         """Return V ``(n_inputs[+1], Dp)``: B ψ (+ B_τ Δτ) = [ψ, Δτ] V, padded (one forecast
         step's input as a low-rank update of the recurrence)."""
         V = self.input_map.mT  # (n_inputs, D)
@@ -224,8 +203,8 @@ class WARP(AbstractForecaster):
             V = torch.cat((V, self.time_map.unsqueeze(0)), 0)  # (S + 1, D)
         return F.pad(V, (0, self.padded_dim - self.n_weights))
 
-    def _drive_rows(self, dx: Tensor, dtau: float) -> Tensor:
-        """Return U = [ψ, Δτ] ``(B, n_inputs[+1])`` matching `_drive_map` (ψ = Δx by default)."""
+    def drive_rows(self, dx: Tensor, dtau: float) -> Tensor:
+        """Return U = [ψ, Δτ] ``(B, n_inputs[+1])`` matching `drive_map` (ψ = Δx by default)."""
         if self.time_map is None:
             return dx
         return torch.cat((dx, dx.new_full((dx.shape[0], 1), dtau)), -1)
@@ -234,7 +213,7 @@ class WARP(AbstractForecaster):
         """Evaluate the root on ``theta (N, Dp)``, ``tau (N,)``, ``x (N, S)``; padding dropped."""
         return self.root(theta[:, : self.n_weights], tau, x, self.dt)
 
-    def _root_step(self, theta: Tensor, tau: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def root_step(self, theta: Tensor, tau: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """`_root`, compiled when `runtime.compile_root` is set (eager if compilation fails)."""
         if self.runtime.compile_root and not self._compile_failed:
             fn = _COMPILED.get(self)
@@ -272,7 +251,7 @@ class WARP(AbstractForecaster):
         op: LinearOp = self.transition.operator(self.padded_dim)
         theta0 = self.initial_state(ys[:, 0])  # (B, Dp)
         L = min(context, T - 1)  # steps t < L are fed with ground truth
-        spec = _Spec(ys, tau, dtau, L, teacher_prob, generator, self.resolved_precision(ys.device))
+        spec = Spec(ys, tau, dtau, L, teacher_prob, generator, self.resolved_precision(ys.device))
         h, theta, mean, std = self._prefix(op, spec, theta0, keep)
         means, stds, thetas, fed = [mean], [std], [theta], [ys[:, :L]]
         if L < T - 1:  # forecast steps, one at a time: the input depends on the prediction
@@ -283,13 +262,15 @@ class WARP(AbstractForecaster):
                 params = [self.input_map, *([] if self.time_map is None else [self.time_map])]
                 params += [p for p in self.root.parameters() if p.requires_grad]
                 mean, std = _Rollout.apply(
-                    self, spec, type(op), len(op), h, mean[:, -1], base, *op, *params
-                )
+                    ForecastStep(self, spec), type(op), len(op), h, mean[:, -1], base, *op,
+                    *params,
+                )  # fmt: skip
                 means.append(mean)
                 stds.append(std if std.numel() else None)
             else:
+                step = ForecastStep(self, spec)
                 lin = prepare(op, spec.precision)
-                out = self._forecast(spec, h, mean[:, -1], base, lin, lin.anchor(h), keep=keep)
+                out = step.run(h, mean[:, -1], base, lin, lin.anchor(h), keep=keep)
                 means += out.means
                 stds += out.stds
                 thetas += out.thetas
@@ -301,7 +282,7 @@ class WARP(AbstractForecaster):
             torch.cat(fed, 1) if keep else None,
         )
 
-    def _prefix(self, op: LinearOp, spec: _Spec, theta0: Tensor, keep: bool):
+    def _prefix(self, op: LinearOp, spec: Spec, theta0: Tensor, keep: bool):
         """Run the teacher-forced steps t < L by the parallel scan. Return the state h_{L-1}
         (θ, or δ = θ - θ_0 when anchored) ``(B, Dp)``, θ_0..θ_{L-1} ``(B, L, Dp)`` when
         `keep`, and the root's mean and std (or None) ``(B, L, S)``."""
@@ -322,7 +303,7 @@ class WARP(AbstractForecaster):
             stds.append(std)
         return h, None, torch.cat(means, 1), None if stds[0] is None else torch.cat(stds, 1)
 
-    def _tf_chunk(self, op: LinearOp, spec: _Spec, theta0: Tensor, t0: int, t1: int, h_prev):
+    def _tf_chunk(self, op: LinearOp, spec: Spec, theta0: Tensor, t0: int, t1: int, h_prev):
         """Teacher-forced steps t0 <= t < t1 from the state h_{t0-1} (None when t0 = 0).
         Return θ ``(B, k, Dp)``, h_{t1-1} ``(B, Dp)``, mean and std ``(B, k, S)``."""
         ys = spec.ys
@@ -338,64 +319,6 @@ class WARP(AbstractForecaster):
             theta.reshape(B * k, -1), spec.tau[t0:t1].repeat(B), ys[:, t0:t1].reshape(B * k, S)
         )
         return theta, h[:, -1], mean.view(B, k, S), None if std is None else std.view(B, k, S)
-
-    def _forecast(
-        self,
-        spec: _Spec,
-        h: Tensor,
-        m: Tensor,
-        base,
-        lin,
-        anchor,
-        *,
-        keep: bool = False,
-        graphs: list | None = None,
-        on_state=None,
-    ) -> _Steps:
-        """Run the forecast steps t = L..T-2 from the state h = h_{L-1} and mean m_{L-1}.
-
-        h_t = A h_{t-1} + B (x_t - x_{t-1}) (h is θ, or δ with θ = base + δ when anchored);
-        `graphs` receives the root's autograd graph at each step (`_root_graph`); `on_state(i,
-        h, x)` sees each new state and the value fed (i = t - L).
-        """
-        ys = spec.ys
-        B = ys.shape[0]
-        out = _Steps([], [], [], [], [])
-        x_prev = ys[:, spec.L - 1]
-        V = self._drive_map()  # (n_inputs[+1], Dp)
-        m_win = self.root.input_window
-        # the last m - 1 fed values before step L (x_0 repeated before the start)
-        past = [ys[:, max(spec.L - m_win + 1 + j, 0)] for j in range(m_win - 1)]
-        times = [max(spec.L - m_win + 1 + j, 0) * spec.dtau for j in range(m_win - 1)]
-        for i, t in enumerate(range(spec.L, ys.shape[1] - 1)):
-            mask = feed_mask(B, spec.p, spec.generator, ys.device)
-            x = select(mask, ys[:, t], m)  # (B, S)
-            window, tau_w = past + [x], times + [t * spec.dtau]  # m fed values, x_t last
-            past, times = window[1:], tau_w[1:]
-            if not self.hold_after_context:
-                if self.root.default_drive:
-                    psi = x - x_prev
-                else:
-                    tau_w = ys.new_tensor(tau_w).expand(B, -1)  # (B, m)
-                    psi = self.root.inputs(tau_w, torch.stack(window, 1))  # (B, n_inputs)
-                U = self._drive_rows(psi, spec.dtau)  # (B, n_inputs[+1])
-                h = lin.apply(h, anchor, update=(U, V))  # (B, Dp)
-            theta = h if base is None else base + h
-            if graphs is None:
-                m, s = self._root_step(theta, spec.tau[t].expand(B), x)
-            else:
-                graphs.append(_root_graph(self, theta, spec.tau[t].expand(B), x))
-                m, s = (None if v is None else v.detach() for v in graphs[-1][2:])
-            out.means.append(m.unsqueeze(1))
-            out.stds.append(None if s is None else s.unsqueeze(1))
-            out.masks.append(mask)
-            if keep:
-                out.thetas.append(theta.unsqueeze(1))
-                out.fed.append(x.unsqueeze(1))
-            if on_state is not None:
-                on_state(i, h, x)
-            x_prev = x
-        return out
 
     def _check(self, ys: Tensor, context: int, teacher_prob: float) -> None:
         if ys.dim() != 3 or ys.shape[-1] != self.state_dim or ys.shape[1] < 2:
