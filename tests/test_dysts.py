@@ -223,7 +223,8 @@ def test_physics_priors_and_ode_fit_refuse_a_callback_flow(tmp_path, capsys):
         rc, _, err = run(capsys, ["generate", name, "--out", store, *small])
         assert rc == 0, err
         train = ["train", "--data", store, "--model", "warp", "--prior", "ode"]
-        rc, _, err = run(capsys, [*train, "--set", "data.context=5", "--no-progress"])
+        train += ["--out", tmp_path / "run"]
+        rc, _, err = run(capsys, [*train, "--set", "data.context=5", "-q"])
         one_line_error(rc, err, "prior 'ode' does not apply", "numpy")
     finally:
         SYSTEMS.unregister(name)
