@@ -112,7 +112,7 @@ def test_simpson_is_exact_for_a_cubic_and_the_trapezoid_is_not():
 
 def test_ode_fit_refuses_a_context_too_short_for_its_unknowns():
     system, _, ts, ys = _data("lorenz63")
-    with pytest.raises(UserError, match="context steps to fit 3 unknowns"):
+    with pytest.raises(UserError, match="needs at least 5 context steps to fit the unknowns"):
         ode_fit(system, ts, ys.float(), 3)
 
 
@@ -149,3 +149,22 @@ def test_valid_prediction_time_is_the_first_smape_crossing_in_lyapunov_times():
     pred[1, 7, 1] = float("nan")  # a blown-up forecast fails there
     assert valid_prediction_time(pred, truth, 0.5, 2.0)[1].item() == 7 * 0.5 / 2.0
     assert VPT_THRESHOLD == 30.0
+
+
+def test_a_context_too_short_for_the_fit_is_one_line_before_any_training(msd_store, capsys):
+    from warp_phys.cli import main
+
+    argv = ["train", "--data", str(msd_store), "--model", "gru", "--quiet"]
+    assert main([*argv, "--set", "data.context=3"]) == 2
+    err = capsys.readouterr().err
+    assert "too short to fit the 3 unknown parameters of 'msd'" in err
+    assert "--set data.context=10" in err and len(err.splitlines()) == 1
+
+
+def test_asking_noise_of_a_clean_store_is_one_line(msd_store, capsys):
+    from warp_phys.cli import main
+
+    argv = ["train", "--data", str(msd_store), "--model", "gru", "--quiet"]
+    assert main([*argv, "--set", "data.noise=0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "generated without observation noise" in err and len(err.splitlines()) == 1

@@ -446,6 +446,27 @@ def fit_nonlinear(
     return p
 
 
+def min_context(system: System, form: LinearForm | None, unknown: Sequence[str]) -> int:
+    """The shortest context that fits the unknowns: one equation per window of the rule."""
+    K = form.n if form is not None else len(unknown)
+    return K + len(RULES[DEFAULT_RULE]) - 1
+
+
+def check_fit_context(system: System, context: int) -> None:
+    """Raise UserError when `context` is too short to fit the unknowns of `system` (a system
+    with nothing unknown has nothing to fit and passes)."""
+    unknown, _ = unknowns(system)
+    if not unknown:
+        return
+    need = min_context(system, linear_form(system), unknown)
+    if context < need:
+        raise UserError(
+            f"a context of {context} steps is too short to fit the {len(unknown)} unknown "
+            f"parameters of {system.name!r} from the data (ode_fit and WARP-Phys need at least "
+            f"{need}); set data.context to {need} or more, e.g. --set data.context={max(need, 10)}"
+        )
+
+
 @dataclass(frozen=True)
 class FitResult:
     """What `ode_fit` returns: forecasts, estimates and the cost of the fit."""
@@ -482,10 +503,10 @@ def ode_fit(
     N, T, S = ys.shape
     form = linear_form(system, learn=learn, fixed=fixed)
     unknown, held = unknowns(system, learn, fixed)
-    K = form.n if form is not None else len(unknown)
-    if context - len(RULES[DEFAULT_RULE]) + 1 < K:  # one equation per window of the rule
+    need = min_context(system, form, unknown)
+    if context < need:
         raise UserError(
-            f"ode_fit needs at least {K + 2} context steps to fit {K} unknowns of "
+            f"ode_fit needs at least {need} context steps to fit the unknowns of "
             f"{system.name!r}; got context {context}: set data.context higher"
         )
     ref = reference(system)

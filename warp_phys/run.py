@@ -60,6 +60,16 @@ def show_bars(progress: bool | None) -> bool:
 
 
 def prepare_data(cfg: RunConfig, *, progress: bool = True) -> Dataset:
+    """Generate the dataset of `cfg` when missing, then load it into memory; the context must
+    be long enough to fit the system's unknowns (the ode_fit reference, WARP-Phys)."""
+    data = _load_data(cfg, progress=progress)
+    from warp_phys.identify import check_fit_context
+
+    check_fit_context(data.system, cfg.data.context)
+    return data
+
+
+def _load_data(cfg: RunConfig, *, progress: bool = True) -> Dataset:
     """Load the store of `cfg` (generating the preset's dataset when it names no path)."""
     path = ensure_dataset(cfg.data, out_dir=cfg.out_dir, progress=progress)
     return load_dataset(path, system=cfg.data.system)
