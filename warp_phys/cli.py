@@ -27,6 +27,8 @@ _COUNTS = {
 def cmd_systems(args: argparse.Namespace) -> int:
     from warp_phys.system import get_system, system_names
 
+    if args.dysts:
+        return print_dysts()
     for name in system_names():
         system = get_system(name)
         params = ", ".join(
@@ -40,6 +42,33 @@ def cmd_systems(args: argparse.Namespace) -> int:
         for eq in system.equations:
             print(f"    {eq}")
         print(f"    params: {params}")
+    print(
+        "and the dysts catalogue as dysts:NAME (optional extra .[dysts]): warp-phys systems --dysts"
+    )
+    return 0
+
+
+def print_dysts() -> int:
+    """List the dysts flows: dimension, path, physics prior, parameters; coverage counts."""
+    from warp_phys.dysts import DEFAULTS, catalogue, describe_catalogue
+
+    entries = catalogue()
+    print(
+        "dysts flows (use as dysts:NAME). path: symbolic (sympy trace of dysts' rhs, verified), "
+        "callback (dysts' numpy rhs, data only) or delay (refused); prior: the physics prior "
+        "that applies (lsq: linear in its parameters, ode: any differentiable field, none)"
+    )
+    print(
+        f"defaults: parameters ±{DEFAULTS.train_fraction:.0%} (train), "
+        f"±{DEFAULTS.ood_fraction:.0%} (test_ood); y0 = ic ± {DEFAULTS.y0_fraction:g} std; "
+        f"{DEFAULTS.periods:g} periods, ~{DEFAULTS.points_per_period} steps per period"
+    )
+    for e in entries:
+        params = ", ".join(f"{n}={v:g}" for n, v in e.params.items()) or "(none)"
+        why = f"  [{e.why}]" if e.why else ""
+        print(f"{e.name:<34} dim {e.dim:<3} {e.path:<8} prior {e.prior:<4}  {params}{why}")
+    counts = describe_catalogue(entries)
+    print("coverage: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
@@ -192,12 +221,13 @@ def _run_config(
     base_models=None,
 ):
     from warp_phys.config import load_config, preset_names
-    from warp_phys.system import system_names
+    from warp_phys.system import is_system_name
 
     values = dict(values or {})
     if preset and preset not in preset_names() and not preset.endswith(".toml"):
-        if preset in system_names():  # a bare system name: defaults on that system
-            values = {"data.system": preset, "name": preset} | values
+        if is_system_name(preset):  # a bare system name (or dysts:NAME): defaults on it
+            name = preset.replace(":", "_")  # dysts:Lorenz -> runs/out/dysts_Lorenz
+            values = {"data.system": preset, "name": name} | values
             preset = None
     if getattr(args, "device", None):
         values["train.device"] = args.device
@@ -365,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("systems", help="list the registered systems with their equations")
+    p.add_argument(
+        "--dysts",
+        action="store_true",
+        help="list the flows of the dysts catalogue instead (optional extra: .[dysts])",
+    )
     p.set_defaults(func=cmd_systems)
 
     p = sub.add_parser(
@@ -373,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate ensembles into one zarr store (groups train, val, test, "
         "test_ood). Rerunning the same command resumes an interrupted run.",
     )
-    p.add_argument("system", help="registered system name (see `warp-phys systems`)")
+    p.add_argument(
+        "system", help="registered system name or dysts:NAME (see `warp-phys systems [--dysts]`)"
+    )
     p.add_argument(
         "--out",
         required=True,

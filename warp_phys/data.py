@@ -88,7 +88,8 @@ def default_path(cfg: DataConfig, out_dir: str | Path = "runs/out") -> Path:
     """Where the dataset of a preset without `data.path` is generated: under out_dir/data/."""
     sizes = f"{cfg.n_train}-{cfg.n_val}-{cfg.n_test}-{cfg.n_test_ood}"
     noise = f"-n{cfg.noise:g}" if cfg.noise else ""
-    return Path(out_dir) / "data" / f"{cfg.system}-{sizes}-s{cfg.seed}{noise}.zarr"
+    system = cfg.system.replace(":", "_")  # dysts:Lorenz: no colon in a path
+    return Path(out_dir) / "data" / f"{system}-{sizes}-s{cfg.seed}{noise}.zarr"
 
 
 def ensure_dataset(

@@ -194,6 +194,7 @@ def linear_form(
     Tries the system's identifiable combinations first (what the data determines), then the
     unknown parameters themselves. Raises UserError when nothing is unknown.
     """
+    system.check_differentiable("the in-context least-squares fit")
     unknown, held = unknowns(system, learn, fixed)
     if not unknown:
         raise UserError(
@@ -496,6 +497,7 @@ def ode_fit(
     UserError when the context is too short (fewer than K + 2 steps, K windows, for K
     unknowns) or nothing is unknown.
     """
+    system.check_differentiable("ode_fit")
     start = time.perf_counter()
     times = torch.as_tensor(times, dtype=torch.float64)
     N, T, S = ys.shape

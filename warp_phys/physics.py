@@ -32,6 +32,7 @@ def resolve_system(
             f"prior {prior!r} needs a system: pass system_name= (registered systems: "
             f"{', '.join(system_names())})"
         )
+    system.check_differentiable(f"prior {prior!r}")
     if system.state_dim != state_dim:
         raise UserError(
             f"prior {prior!r} for system {system.name!r} has {system.state_dim} states "

@@ -13,6 +13,10 @@ name it imports, in this order,
 
 A plugin that fails to import, or a name registered twice by different classes, is a
 `UserError` naming the file(s) and the fix.
+
+A registry may also front external catalogues: a name ``PREFIX:NAME`` is handed to the
+function registered for PREFIX (e.g. ``dysts:Lorenz`` to `warp_phys.dysts.flow_class`),
+imported only when such a name is asked for.
 """
 
 from __future__ import annotations
@@ -108,10 +112,14 @@ def _load_plugins() -> None:
 class Registry(Generic[T]):
     """A named catalogue of classes discovered from one package and the plugins."""
 
-    def __init__(self, kind: str, package: str, folder: str) -> None:
+    def __init__(
+        self, kind: str, package: str, folder: str, *, catalogues: dict[str, str] | None = None
+    ) -> None:
         self.kind = kind  # "system" or "prior": used in error messages
         self.package = package  # the built-in package, e.g. "warp_phys.systems"
         self.folder = folder  # where a user drops a file, for messages ("systems/")
+        # prefix -> "module:function"; the function maps NAME of "prefix:NAME" to a class
+        self.catalogues = dict(catalogues or {})
         self._entries: dict[str, T] = {}
         self._loaded = False
         _REGISTRIES.append(self)
@@ -152,16 +160,28 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def get(self, name: str) -> T:
-        """Return the class registered as `name`, or raise listing the valid names."""
+        """Return the class registered as `name` (or resolved by a catalogue for
+        ``prefix:NAME``), or raise listing the valid names."""
+        prefix, sep, rest = name.partition(":")
+        if sep and prefix in self.catalogues:
+            module, _, function = self.catalogues[prefix].partition(":")
+            return getattr(importlib.import_module(module), function)(rest)
         self._load()
         try:
             return self._entries[name]
         except KeyError:
+            catalogues = "".join(f", {p}:NAME" for p in self.catalogues)
             raise UserError(
                 f"unknown {self.kind} {name!r}; registered {self.kind}s: "
-                f"{', '.join(self.names())} (add one by dropping a file in {self.folder}, or "
-                f"in a folder named by {PLUGINS_ENV} or --plugins)"
+                f"{', '.join(self.names())}{catalogues} (add one by dropping a file in "
+                f"{self.folder}, or in a folder named by {PLUGINS_ENV} or --plugins)"
             ) from None
+
+    def is_name(self, name: str) -> bool:
+        """Whether `name` is registered or names a catalogue (``prefix:NAME``; the catalogue
+        itself is not imported, so a wrong NAME is reported when the class is asked for)."""
+        prefix, sep, _ = name.partition(":")
+        return (bool(sep) and prefix in self.catalogues) or name in self
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -13,6 +13,7 @@ the parameter names and `t`. The torch vector field is generated once per class 
 
 from __future__ import annotations
 
+import functools
 from functools import cached_property
 
 import sympy
@@ -28,6 +29,54 @@ _TORCH_FUNCS = {
     for name in ("sin", "cos", "tan", "exp", "log", "sqrt", "tanh", "sinh", "cosh", "abs", "sign")
 }
 _TORCH_FUNCS.update({"Abs": torch.abs, "asin": torch.asin, "acos": torch.acos, "atan": torch.atan})
+_TORCH_FUNCS["atan2"] = torch.atan2
+
+
+def _heaviside(x: Tensor, h0: float = 0.5) -> Tensor:
+    """H(x) with H(0) = h0 (sympy's convention); no gradient, like a comparison."""
+    return (x > 0).to(x.dtype) + h0 * (x == 0).to(x.dtype)
+
+
+# Piecewise functions the Python printer would inline as `a if x == 0 else b` (which a tensor
+# cannot take): renamed to plain functions before lambdify, and given torch definitions here.
+# DiracDelta (the derivative of Heaviside or sign) is zero almost everywhere.
+def _extremum(op):
+    def f(*args):
+        like = next(a for a in args if isinstance(a, Tensor))
+        return functools.reduce(op, [torch.as_tensor(a).to(like) for a in args])
+
+    return f
+
+
+_PIECEWISE = {
+    sympy.sign: "torch_sign",
+    sympy.Heaviside: "heaviside",
+    sympy.DiracDelta: "dirac",
+    sympy.Max: "torch_max",
+    sympy.Min: "torch_min",
+}
+_TORCH_FUNCS.update(
+    {
+        "torch_sign": torch.sign,
+        "heaviside": _heaviside,
+        "dirac": lambda x, *_: torch.zeros_like(x),
+        "torch_max": _extremum(torch.maximum),
+        "torch_min": _extremum(torch.minimum),
+    }
+)
+
+
+def _lambdify(args, exprs):
+    """Lambdify `exprs` (nested lists) to a torch function of `args`."""
+
+    def plain(e):
+        if isinstance(e, list):
+            return [plain(x) for x in e]
+        for fn, name in _PIECEWISE.items():
+            e = e.replace(fn, sympy.Function(name))
+        return e
+
+    return sympy.lambdify(args, plain(exprs), modules=[_TORCH_FUNCS, "math"])
 
 
 class SymbolicSystem(System):
@@ -64,21 +113,23 @@ class SymbolicSystem(System):
     @cached_property
     def _field(self):
         t, ys, ps = self.symbols
-        return sympy.lambdify((t, ys, ps), list(self.expressions), modules=[_TORCH_FUNCS, "math"])
+        return _lambdify((t, ys, ps), list(self.expressions))
 
     @cached_property
     def _jac(self):
         t, ys, ps = self.symbols
         jac = sympy.Matrix(self.expressions).jacobian(ys)
-        return sympy.lambdify((t, ys, ps), jac.tolist(), modules=[_TORCH_FUNCS, "math"])
+        return _lambdify((t, ys, ps), jac.tolist())
 
     def vector_field(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
+        t = _tensor(t, y)
         ys = y.unbind(-1)
         ps = tuple(getattr(p, n) for n in self.params)
         rows = self._field(t, ys, ps)
         return torch.stack([_full(r, ys[0]) for r in rows], -1)
 
     def jacobian(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
+        t = _tensor(t, y)
         ys = y.unbind(-1)
         ps = tuple(getattr(p, n) for n in self.params)
         rows = self._jac(t, ys, ps)
@@ -96,6 +147,11 @@ class SymbolicSystem(System):
             rf"\dot{{{sympy.latex(y)}}} = {sympy.latex(e)}"
             for y, e in zip(ys, self.expressions, strict=True)
         ]
+
+
+def _tensor(t, like: Tensor) -> Tensor:
+    """`t` as a tensor: a fixed-step stepper passes a float, which torch.cos cannot take."""
+    return t if isinstance(t, Tensor) else torch.as_tensor(t, dtype=like.dtype, device=like.device)
 
 
 def _full(value, like: Tensor) -> Tensor:

@@ -191,6 +191,14 @@ class System(ABC):
     def vector_field(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
         """Return dy/dt, shape of `y` ``(..., state)``; ``p.name`` broadcasts to ``y[..., 0]``."""
 
+    def check_differentiable(self, user: str) -> None:
+        """Raise UserError when `user` (a physics prior, ode_fit) cannot work with this system.
+
+        They need a vector field in torch, to differentiate and to integrate inside a model;
+        every System written in torch has one. A system that calls out to other code (a numpy
+        callback) overrides this and says why."""
+        return None
+
     def jacobian(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
         """Return d f / d y, ``(..., state, state)`` (autograd unless a subclass knows better)."""
         y = y.detach().requires_grad_(True)
@@ -309,7 +317,10 @@ def _check_range(pname: str, rng: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
-SYSTEMS: Registry[type[System]] = Registry("system", "warp_phys.systems", "systems/")
+# dysts:NAME names a flow of the dysts catalogue (optional extra; warp_phys/dysts.py)
+SYSTEMS: Registry[type[System]] = Registry(
+    "system", "warp_phys.systems", "systems/", catalogues={"dysts": "warp_phys.dysts:flow_class"}
+)
 
 
 def register_system(name: str):
@@ -323,4 +334,10 @@ def get_system(name: str, **kwargs) -> System:
 
 
 def system_names() -> list[str]:
+    """Return the registered system names (catalogue names such as dysts:NAME are not listed)."""
     return SYSTEMS.names()
+
+
+def is_system_name(name: str) -> bool:
+    """Whether `name` is a registered system or a catalogue name such as ``dysts:Lorenz``."""
+    return SYSTEMS.is_name(name)
