@@ -110,7 +110,7 @@ def breakdown(out: Path, n: int, chunk: int, workers: int) -> dict:
         cpu1 = client.run(time.process_time)
         t2 = time.perf_counter()
     close = time.perf_counter() - t2
-    tasks = [t for t in ts.data if "_write_chunk" in str(t["key"])]
+    tasks = [t for t in ts.data if "_write_chunks" in str(t["key"])]
     compute = [sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
                for t in tasks]  # fmt: skip
     chunks = _n_chunks(counts, chunk)

@@ -149,7 +149,7 @@ def test_a_killed_worker_and_a_killed_client_resume_to_the_same_bytes(tmp_path):
     """kill -9 of one dask worker mid-run, then of the client (the command), then the same
     command again: the bytes of one uninterrupted process."""
     args = ["generate", "msd", "--n-train", "160", "--n-val", "2", "--n-test", "2"]
-    args += ["--n-test-ood", "2", "--chunk", "2", "--seed", "3", "--quiet"]
+    args += ["--n-test-ood", "2", "--chunk", "2", "--batch", "2", "--seed", "3", "--quiet"]
     killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
     log = tmp_path / "stderr.txt"
     cmd = [sys.executable, "-m", "warp_phys", *args, "--out", str(killed), "--dask", "local:2"]

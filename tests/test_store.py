@@ -83,13 +83,29 @@ def test_each_split_opens_with_plain_xarray(msd_store, counts):
             float(ds["y"].sel(state="x").isel(trajectory=0, time=-1))  # label indexing works
 
 
-@pytest.mark.parametrize("chunk", [8, 64])
-def test_same_seed_same_bytes_whatever_the_chunk(
-    msd_store, tmp_path, chunk, counts, read_store, same_arrays
+@pytest.mark.parametrize("chunk, batch", [(8, None), (64, None), (8, 8), (8, 20), (3, 1)])
+def test_same_seed_same_bytes_whatever_the_chunk_and_the_batch(
+    msd_store, tmp_path, chunk, batch, counts, read_store, same_arrays
 ):
+    """`msd_store` integrates each split in one batch; here one chunk or a few at a time."""
     path = tmp_path / "s.zarr"
-    generate_store(get_system("msd"), path, counts=counts, seed=SEED, chunk=chunk, progress=False)
+    generate_store(
+        get_system("msd"), path, counts=counts, seed=SEED, chunk=chunk, batch=batch,
+        progress=False,
+    )  # fmt: skip
     same_arrays(read_store(path), read_store(msd_store))
+
+
+def test_the_integration_batch_is_whole_chunks_within_the_memory_bound(monkeypatch):
+    system = get_system("lorenz63")  # 1001 saved times x 3 states: 24 KB per trajectory
+    assert store.integration_batch(system, 256) == store.MAX_BATCH == 8192
+    assert store.integration_batch(system, 256, 1000) == 768  # rounded down to whole chunks
+    assert store.integration_batch(system, 256, 10) == 256  # never below one chunk
+    per_trajectory = len(system.times()) * system.state_dim * 8
+    monkeypatch.setattr(store, "BATCH_BYTES", 100 * per_trajectory + 1)
+    assert store.integration_batch(system, 8) == 96  # 100 fit: 12 whole chunks of 8
+    with pytest.raises(UserError, match="batch must be a positive"):
+        generate_store(system, "unused.zarr", counts={"train": 1}, batch=0, progress=False)
 
 
 def test_splits_and_seeds_give_different_draws(msd_store):
@@ -148,8 +164,9 @@ def test_interrupted_run_resumes_to_the_same_bytes(
     _interrupt_after(monkeypatch, calls=4)  # the probe, two chunks, then the interruption
     with pytest.raises(KeyboardInterrupt):
         generate_store(
-            get_system("msd"), path, counts=counts, seed=SEED, chunk=CHUNK, progress=False
-        )
+            get_system("msd"), path, counts=counts, seed=SEED, chunk=CHUNK, batch=CHUNK,
+            progress=False,
+        )  # fmt: skip
     assert path.exists() and not is_complete(path)
     for opener in (
         lambda: open_split(path, "train"),
@@ -195,6 +212,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(
         "2",
         "--chunk",
         "2",
+        "--batch",
+        "2",
         "--seed",
         "3",
         "--quiet",
@@ -234,9 +253,14 @@ def test_divergence_names_the_trajectory_and_leaves_the_store_incomplete(tmp_pat
     system = test_systems["test_store_blow_up"]
     counts = {"train": 3, "test_ood": 2}
     with pytest.raises(DivergenceError, match=r"split 'test_ood'.*trajectory 0 \(a=.*t=0\.[0-9]+"):
-        generate_store(system, path, counts=counts, seed=0, chunk=2, progress=False)
+        generate_store(system, path, counts=counts, seed=0, chunk=2, batch=2, progress=False)
     assert not is_complete(path)
     assert int(zarr.open_group(path)["_progress/train/done"][:].sum()) == 2  # train was fine
+    # one batch for both splits: the error still names the split and its own trajectory index
+    other = tmp_path / "t.zarr"
+    with pytest.raises(DivergenceError, match=r"split 'test_ood'.*trajectory 0 \(a="):
+        generate_store(system, other, counts=counts, seed=0, chunk=2, progress=False)
+    assert int(zarr.open_group(other)["_progress/test_ood/done"][:].sum()) == 0
     with pytest.raises(StoreError, match="incomplete"):
         open_split(path, "train")
 

@@ -101,6 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         counts=counts,
         seed=args.seed,
         chunk=args.chunk,
+        batch=args.batch,
         rtol=args.rtol,
         atol=args.atol,
         noise=args.noise,
@@ -431,7 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=integer,
         default=256,
         metavar="N",
-        help="trajectories integrated and written at once; bounds memory (default 256)",
+        help="trajectories per zarr chunk: the unit of writing and resuming (default 256)",
+    )
+    p.add_argument(
+        "--batch",
+        type=integer,
+        default=None,
+        metavar="N",
+        help="trajectories integrated at once, whole chunks; bounds memory (default: up to "
+        "8192, or what fits in 256 MiB of output). The bytes never depend on it",
     )
     p.add_argument(
         "--range",

@@ -2,9 +2,9 @@
 
 `connect("local[:N]" | ADDRESS)` starts a `LocalCluster` of N one-thread worker processes, or
 joins a running scheduler within `timeout` seconds. `InProcess` and `OnDask` run the same task
-functions (`store._write_chunk`, ...) and yield each finished task's result; the store's
+functions (`store._write_chunks`, ...) and yield each finished task's result; the store's
 client (`store._fill`) alone writes the done marks, the skeleton and the final attributes:
-workers write only the region of their own chunk (one zarr chunk per task, so no two workers
+workers write only the region of their own chunks (whole zarr chunks per task, so no two workers
 ever write the same file or object).
 
 Bitwise reproducibility needs each torch op on one thread (`simulate._single_threaded_ops`):

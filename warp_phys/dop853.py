@@ -12,12 +12,13 @@ threading and worker processes that keep it so.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.integrate._ivp import dop853_coefficients as _dop853
 from torch import Tensor
 
 MAX_STEPS = 200_000  # step attempts per trajectory before giving up (stiff or endless)
@@ -27,21 +28,33 @@ Field = Callable[[Tensor, Tensor], Tensor]  # (t (B,), y (B, S)) -> dy/dt (B, S)
 
 
 # --- DOP853 tableau, as scipy ships it ---------------------------------------------------------
+def _scipy_tableau():
+    """scipy's module of DOP853 coefficients (numpy arrays only), loaded from its file: importing
+    it through ``scipy.integrate`` would first import all of scipy.integrate (0.6 s)."""
+    scipy_dir = Path(importlib.util.find_spec("scipy").origin).parent
+    path = scipy_dir / "integrate" / "_ivp" / "dop853_coefficients.py"
+    spec = importlib.util.spec_from_file_location("_warp_phys_dop853_coefficients", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_TABLEAU = _scipy_tableau()
 # Every linear combination of the stages K_0..K_15 a step needs, one row each: the inputs of
 # stages 1..11, y_new (weights B), the error estimates E5 and E3, the inputs of the dense-output
 # stages 13..15 and the dense-output coefficients D0..D3. In this order each K_j feeds one
 # contiguous block of rows, so a single multiply-add per stage updates all the sums using it.
-_N = _dop853.N_STAGES  # 12 stages; K[12] = f(t + h, y_new) is also the next step's K[0]
-_ROWS = np.zeros((21, _dop853.N_STAGES_EXTENDED))
-_ROWS[:11] = _dop853.A[1:_N]
-_ROWS[11, :_N] = _dop853.B
-_ROWS[12, : _N + 1], _ROWS[13, : _N + 1] = _dop853.E5, _dop853.E3
-_ROWS[14:17] = _dop853.A[_N + 1 :]
-_ROWS[17:] = _dop853.D
+_N = _TABLEAU.N_STAGES  # 12 stages; K[12] = f(t + h, y_new) is also the next step's K[0]
+_ROWS = np.zeros((21, _TABLEAU.N_STAGES_EXTENDED))
+_ROWS[:11] = _TABLEAU.A[1:_N]
+_ROWS[11, :_N] = _TABLEAU.B
+_ROWS[12, : _N + 1], _ROWS[13, : _N + 1] = _TABLEAU.E5, _TABLEAU.E3
+_ROWS[14:17] = _TABLEAU.A[_N + 1 :]
+_ROWS[17:] = _TABLEAU.D
 _ROW_OF_STAGE = {s: s - 1 for s in range(1, _N)} | {13: 14, 14: 15, 15: 16}
 _ROW_Y_NEW, _ROW_E5, _ROW_E3, _ROW_D = 11, 12, 13, 17
 _SPANS = tuple((int(nz.min()), int(nz.max()) + 1) for nz in (np.flatnonzero(c) for c in _ROWS.T))
-_C = tuple(float(c) for c in _dop853.C)
+_C = tuple(float(c) for c in _TABLEAU.C)
 _SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0  # scipy's step-size controller
 
 

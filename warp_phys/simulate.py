@@ -31,9 +31,7 @@ import sys
 from contextlib import contextmanager
 
 import torch
-import torchdiffeq
 from torch import Tensor
-from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 
 from warp_phys.dop853 import _dop853, _Stuck
 from warp_phys.errors import DivergenceError, UserError
@@ -124,7 +122,10 @@ def integrator_attrs(
             "torch": torch.__version__,
             **common,
         }
-    solvers = list(_TORCHDIFFEQ_SOLVERS)
+    import torchdiffeq  # only here: it imports scipy.integrate, 0.6 s of every `generate`
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    solvers = list(SOLVERS)
     name = method.removeprefix(TORCHDIFFEQ_PREFIX)
     if not method.startswith(TORCHDIFFEQ_PREFIX) or name not in solvers:
         raise UserError(
@@ -233,6 +234,8 @@ def _torchdiffeq(system: System, y0, params, ts, name: str, rtol, atol) -> Tenso
 
     def rhs(t: Tensor, y: Tensor) -> Tensor:
         return system.vector_field(t, y, pview)
+
+    import torchdiffeq
 
     ys = torchdiffeq.odeint(rhs, y0, ts, method=name, rtol=rtol, atol=atol)  # (T, B, S)
     return ys.transpose(0, 1).contiguous()  # (B, T, S)

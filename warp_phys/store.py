@@ -50,10 +50,10 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
@@ -73,6 +73,9 @@ from warp_phys.simulate import (
 )
 from warp_phys.system import SPLITS, System
 
+if TYPE_CHECKING:
+    import xarray
+
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # layout version, bumped when the layout above changes (2: CRC-32C per chunk)
@@ -80,6 +83,8 @@ _PROGRESS = "_progress"
 _MARKS_PER_FILE = 1024  # chunk marks per zarr chunk of the _progress arrays
 _SMALL_CHUNK = 65536  # trajectories per zarr chunk of params and y0 (tiny arrays)
 NOISE_STREAM = 1  # third entry of a trajectory's noise SeedSequence (parameters use none)
+BATCH_BYTES = 256 * 2**20  # float64 output of one integration batch, by default
+MAX_BATCH = 8192  # trajectories integrated at once, by default
 _STD_BLOCK = 256  # trajectories per block of the train-std computation: fixed, never `chunk`
 
 
@@ -107,6 +112,7 @@ def generate_store(
     noise: float = 0.0,
     progress: bool = True,
     client=None,
+    batch: int | None = None,
 ) -> GenerateReport:
     """Simulate the splits of `counts` into a zarr store at `path`, resuming an interrupted run.
 
@@ -116,7 +122,7 @@ def generate_store(
             arguments), or left alone when complete.
         counts: trajectories per split, e.g. ``{"train": 1024, "val": 128, ...}``.
         seed: dataset seed; split ``i`` samples from ``SeedSequence([seed, i])``.
-        chunk: trajectories integrated and written at once; memory is bounded by it.
+        chunk: trajectories per zarr chunk of ``y`` (the unit of writing and of resuming).
         method, rtol, atol: integrator and tolerances passed to `simulate`.
         noise: observation noise σ as a fraction of each state's standard deviation over the
             train split, in [0, 1); with noise > 0 the store holds ``obs = y + σ·ε`` beside y.
@@ -124,6 +130,10 @@ def generate_store(
         client: a `dask.distributed.Client`: its workers integrate the chunks and write their
             regions, this process writes the skeleton, the marks and the final attributes
             (`cluster.py`). The bytes are those of the default, single-process path.
+        batch: trajectories integrated at once, a whole number of chunks (rounded down, at
+            least one chunk); memory is bounded by it. None: as many chunks as fit in
+            `BATCH_BYTES` of output, at most `MAX_BATCH` trajectories. The bytes never depend
+            on it.
 
     Raises:
         UserError: bad counts/chunk/seed/tolerances, or a vector field of the wrong shape.
@@ -132,6 +142,8 @@ def generate_store(
     """
     loc = location.parse(path)
     _check_arguments(counts, seed, chunk)
+    if batch is not None and (not _is_int(batch) or batch < 1):
+        raise UserError(f"batch must be a positive number of trajectories; got {batch!r}")
     check_noise(noise)
     _integrator_attrs(method, rtol, atol)  # validates the method and tolerances
     check_tolerances(rtol, atol)
@@ -155,7 +167,21 @@ def generate_store(
             check_disk_space(loc, system, counts, noise)
         if state == "new" or not (local or _skeleton_whole(loc, arguments)):
             _create(loc, system, arguments, seed)
-        return _fill(loc, system, arguments, progress=progress, runner=runner)
+        batch = integration_batch(system, chunk, batch)
+        return _fill(loc, system, arguments, progress=progress, runner=runner, batch=batch)
+
+
+def integration_batch(system: System, chunk: int, batch: int | None = None) -> int:
+    """Trajectories integrated at once: `batch` (or, when None, what fits in `BATCH_BYTES` of
+    float64 output, at most `MAX_BATCH`) rounded down to whole chunks, never below one chunk.
+
+    The batched integrator pays its per-step overhead once per batch, not once per chunk: at
+    the default chunk of 256, `warp-phys generate lorenz63 --n-train 4096` integrates its 4,480
+    trajectories (all four splits) in one batch (benchmarks/results/generate_cli.md)."""
+    if batch is None:
+        per_trajectory = len(system.times()) * system.state_dim * 8
+        batch = min(MAX_BATCH, BATCH_BYTES // per_trajectory)
+    return max(chunk, batch // chunk * chunk)
 
 
 def _runner(client, loc):
@@ -170,12 +196,16 @@ def _runner(client, loc):
     return OnDask(client)
 
 
-def _fill(loc, system: System, arguments: dict, *, progress: bool, runner) -> GenerateReport:
+def _fill(
+    loc, system: System, arguments: dict, *, progress: bool, runner, batch: int
+) -> GenerateReport:
     """Integrate and write every chunk not marked done, then the noise, then finalise.
 
-    Tasks (`_write_chunk`, `_write_noise`, `_block_sums`) run in this process or on dask
-    workers and write only their own chunk's region; the marks are written here, after the
-    task's data: a chunk is marked done only once its data is in the store."""
+    Tasks (`_write_chunks`, `_write_noise`, `_block_sums`) run in this process or on dask
+    workers and write only their own chunks' region; a `_write_chunks` task integrates up to
+    `batch` trajectories at once, from consecutive chunks of one split or several. The marks
+    are written here, after the task's data: a chunk is marked done only once its data is in
+    the store."""
     counts, chunk, noise = arguments["counts"], arguments["chunk"], arguments.get("noise", 0.0)
     total = _n_chunks(counts, chunk)
     target = location.absolute(loc)  # what a worker opens: the same place from anywhere
@@ -183,24 +213,22 @@ def _fill(loc, system: System, arguments: dict, *, progress: bool, runner) -> Ge
     own = system if runner.in_process else tuple(str(p.resolve()) for p in plugin_folders())
     root = zarr.open_group(location.zarr_target(loc), mode="r+")
 
-    todo = [
-        (target, split, int(k), own)
-        for split in counts
-        for k in np.flatnonzero(root[_PROGRESS][split]["done"][:] == 0)
-    ]
+    undone = {split: np.flatnonzero(root[_PROGRESS][split]["done"][:] == 0) for split in counts}
+    todo = [(target, task, own) for task in _tasks(undone, counts, chunk, batch)]
     noisy = [
         (target, split, int(k))
         for split in (counts if noise else ())
         for k in np.flatnonzero(root[_PROGRESS][split]["obs_done"][:] == 0)
     ]
-    left = len(todo) + len(noisy)
+    left = sum(len(ks) for ks in undone.values()) + len(noisy)
     total *= 2 if noise else 1
     opts = dict(total=total, initial=total - left, unit="chunk", desc=f"generate {system.name}")
     with tqdm(**opts, file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-        for batch in runner.run(_write_chunk, todo):
-            _mark(root, "done", [(item[1], item[2], ranges) for item, ranges in batch])
-            bar.set_postfix_str(batch[-1][0][1])
-            bar.update(len(batch))
+        for finished in runner.run(_write_chunks, todo):
+            done = [mark for _, marks in finished for mark in marks]
+            _mark(root, "done", done)
+            bar.set_postfix_str(done[-1][0])
+            bar.update(len(done))
         if noise:
             split0 = _splits(root)[0]
             sigma = noise * train_std(root, split0, target=target, runner=runner)  # (S,)
@@ -215,6 +243,31 @@ def _fill(loc, system: System, arguments: dict, *, progress: bool, runner) -> Ge
                 )
     _finalize(loc)
     return GenerateReport(loc, written=left, skipped=total - left, already_complete=False)
+
+
+Segment = tuple[str, tuple[int, ...]]  # (split, consecutive chunk numbers)
+
+
+def _tasks(
+    undone: dict[str, np.ndarray], counts: dict[str, int], chunk: int, batch: int
+) -> list[tuple[Segment, ...]]:
+    """Group the undone chunks, in store order, into tasks of at most `batch` trajectories
+    (at least one chunk each); a task is segments of consecutive chunks of one split each."""
+    tasks: list[list[list]] = []
+    size = batch + 1  # trajectories in the last task: none open yet
+    for split, ks in undone.items():
+        for k in map(int, ks):
+            n = min(chunk, counts[split] - k * chunk)
+            if size + n > batch:
+                tasks.append([])
+                size = 0
+            segments = tasks[-1]
+            if segments and segments[-1][0] == split and segments[-1][1][-1] == k - 1:
+                segments[-1][1].append(k)
+            else:
+                segments.append([split, [k]])
+            size += n
+    return [tuple((split, tuple(ks)) for split, ks in task) for task in tasks]
 
 
 def _check_arguments(counts: dict[str, int], seed: int, chunk: int) -> None:
@@ -469,34 +522,65 @@ def _create_marks(group, n_chunks: int, state_dim: int, noisy: bool = False) -> 
         _array(group, name, shape=shape, dims=("chunk", "state"), chunks=chunks)
 
 
-def _write_chunk(target: str, split: str, k: int, system: System | tuple[str, ...]):
-    """Integrate chunk `k` of `split` into the store at `target`; return its per-state
-    ``(y_min, y_max)`` for the marks. A task: it runs here or on a dask worker (`cluster.py`),
-    which is given plugin folders instead of the system and rebuilds it from its registry,
-    checked against the store's."""
+def _write_chunks(
+    target: str, segments: tuple[Segment, ...], system: System | tuple[str, ...]
+) -> list[tuple[str, int, tuple[np.ndarray, np.ndarray]]]:
+    """Integrate the chunks of `segments` at once into the store at `target`; return each
+    chunk's ``(split, k, (y_min, y_max))`` per state for the marks. A task: it runs here or on
+    a dask worker (`cluster.py`), which is given plugin folders instead of the system and
+    rebuilds it from its registry, checked against the store's. The integrator steps every
+    trajectory on its own, so the bytes do not depend on which chunks share a task."""
     root = zarr.open_group(location.zarr_target(target), mode="r+")
     args = root.attrs["warp_phys"]["arguments"]
-    chunk, method, rtol, atol = args["chunk"], args["method"], args["rtol"], args["atol"]
+    chunk = args["chunk"]
     on_worker = not isinstance(system, System)
-    workers = 1 if on_worker else None  # never fork inside a dask worker
     system = _worker_system(target, root, system) if on_worker else system
-    group = root[split]
-    lo, hi = k * chunk, min((k + 1) * chunk, group["y"].shape[0])
-    params = torch.from_numpy(group["params"][lo:hi])  # (B, P)
-    y0 = torch.from_numpy(group["y0"][lo:hi])  # (B, S)
-    ts = system.times()  # (T,) float64
+    spans = []  # (split, lo, hi) of each segment
+    for split, ks in segments:
+        n = root[split]["y"].shape[0]
+        spans.append((split, ks[0] * chunk, min((ks[-1] + 1) * chunk, n)))
+    params = np.concatenate([root[s]["params"][lo:hi] for s, lo, hi in spans])  # (B, P)
+    y0 = np.concatenate([root[s]["y0"][lo:hi] for s, lo, hi in spans])  # (B, S)
     try:
-        ys = simulate(
-            system, y0, params, ts, method=method, rtol=rtol, atol=atol, index_offset=lo,
-            workers=workers,
-        )  # fmt: skip
+        ys = _integrate(system, args, y0, params, spans[0][1], on_worker)  # (B, T, S)
     except UserError as err:
-        raise type(err)(
-            f"split {split!r}: {err} (the store at {target} stays incomplete)"
+        split, fault = _at_fault(system, args, root, spans, on_worker) or (spans[0][0], err)
+        raise type(fault)(
+            f"split {split!r}: {fault} (the store at {target} stays incomplete)"
         ) from None
-    ys = ys.numpy()  # (B, T, S)
-    group["y"][lo:hi] = ys
-    return ys.min(axis=(0, 1)), ys.max(axis=(0, 1))
+    marks, at = [], 0
+    for (split, lo, hi), (_, ks) in zip(spans, segments, strict=True):
+        part = ys[at : at + hi - lo]
+        root[split]["y"][lo:hi] = part
+        for k in ks:
+            block = part[k * chunk - lo : (k + 1) * chunk - lo]
+            marks.append((split, k, (block.min(axis=(0, 1)), block.max(axis=(0, 1)))))
+        at += hi - lo
+    return marks
+
+
+def _at_fault(system: System, args: dict, root, spans, on_worker: bool):
+    """``(split, error)`` of the first segment of a failed batch that fails on its own (its
+    error names the trajectory's index in its split), or None for a one-segment batch."""
+    if len(spans) == 1:
+        return None
+    for split, lo, hi in spans:
+        try:
+            _integrate(system, args, root[split]["y0"][lo:hi], root[split]["params"][lo:hi], lo,
+                       on_worker)  # fmt: skip
+        except UserError as err:
+            return split, err
+    return None
+
+
+def _integrate(system: System, args: dict, y0, params, offset: int, on_worker: bool):
+    """`simulate` with the store's integrator on numpy inputs; the trajectories as numpy."""
+    ys = simulate(
+        system, torch.from_numpy(y0), torch.from_numpy(params), system.times(),
+        method=args["method"], rtol=args["rtol"], atol=args["atol"], index_offset=offset,
+        workers=1 if on_worker else None,  # never fork inside a dask worker
+    )  # fmt: skip
+    return ys.numpy()
 
 
 _SYSTEMS: dict[tuple[str, str], System] = {}  # per worker process: the system of each store
@@ -571,7 +655,7 @@ def trajectory_noise(seed: int, split: str, index: int, shape: tuple[int, int]) 
 
 
 def _write_noise(target: str, split: str, k: int, sigma: np.ndarray) -> None:
-    """Write obs = y + σ·ε for chunk `k` of `split` (a task, like `_write_chunk`)."""
+    """Write obs = y + σ·ε for chunk `k` of `split` (a task, like `_write_chunks`)."""
     root = zarr.open_group(location.zarr_target(target), mode="r+")
     args = root.attrs["warp_phys"]["arguments"]
     chunk, seed, group = args["chunk"], args["seed"], root[split]
@@ -689,7 +773,7 @@ def _command(path, args: dict) -> str:
     return " ".join(parts)
 
 
-def open_split(path: str | os.PathLike, split: str) -> xr.Dataset:
+def open_split(path: str | os.PathLike, split: str) -> xarray.Dataset:
     """Open one split of a complete store as a lazily loaded `xarray.Dataset`."""
     path = location.parse(path)
     root = _open_complete(path)
@@ -701,13 +785,17 @@ def open_split(path: str | os.PathLike, split: str) -> xr.Dataset:
     check_chunks_present(path, root, split)
     with reading(path, f"split {split}"):
         target = location.zarr_target(path, read_only=True)
-        return xr.open_zarr(target, group=split, consolidated=True)
+        import xarray  # only here: 0.7 s of import that `generate` does not need
+
+        return xarray.open_zarr(target, group=split, consolidated=True)
 
 
-def to_xarray(path: str | os.PathLike) -> xr.DataTree:
+def to_xarray(path: str | os.PathLike) -> xarray.DataTree:
     """Open every split of a complete store as one `xarray.DataTree` (a node per split)."""
     root = _open_complete(path)
-    tree = xr.DataTree.from_dict({s: open_split(path, s) for s in _splits(root)})
+    import xarray
+
+    tree = xarray.DataTree.from_dict({s: open_split(path, s) for s in _splits(root)})
     tree.attrs.update(dict(root.attrs))
     return tree
 
