@@ -153,12 +153,16 @@ def markdown(r: dict) -> str:
         for s, v in loop["per_split"].items()
     )
     acc = r["accuracy"]
+    header = "  \n".join([
+        "Command: `python benchmarks/generate_cli.py`",
+        f"Date: {r['date']}",
+        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, scipy {m['scipy']}, "
+        f"Python {m['python']}",
+        "The machine is shared: load average (1, 5, 15 min) is recorded around every run.",
+    ])  # fmt: skip
     return f"""# `warp-phys generate lorenz63 --n-train {r["n_train"]}`: the command, whole process
 
-Command: `python benchmarks/generate_cli.py`  
-Date: {r["date"]}  
-Machine: {m["cpu"]}, {m["cores"]} cores; torch {m["torch"]}, scipy {m["scipy"]}, Python {m["python"]}  
-The machine is shared: load average (1, 5, 15 min) is recorded around every run.
+{header}
 
 Task: `{a["command"]}` with its default flags (rtol = atol = {r["tolerance"]:g}, chunk 256, the
 automatic integration batch): {r["n_train"]} train + 128 val + 128 test + 128 test_ood
