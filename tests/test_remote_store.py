@@ -143,7 +143,7 @@ def test_an_s3_store_resumes_and_matches_the_local_one(s3, msd_store, monkeypatc
         return simulate(*args, **kwargs)
 
     monkeypatch.setattr(store, "simulate", flaky)
-    kwargs = dict(counts=COUNTS, seed=SEED, chunk=CHUNK, progress=False)
+    kwargs = dict(counts=COUNTS, seed=SEED, chunk=CHUNK, batch=CHUNK, progress=False)
     with pytest.raises(KeyboardInterrupt):
         generate_store(get_system("msd"), url, **kwargs)
     assert not is_complete(url)

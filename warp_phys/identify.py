@@ -454,7 +454,12 @@ def min_context(system: System, form: LinearForm | None, unknown: Sequence[str])
 
 def check_fit_context(system: System, context: int) -> None:
     """Raise UserError when `context` is too short to fit the unknowns of `system` (a system
-    with nothing unknown has nothing to fit and passes)."""
+    with nothing unknown, or one no fit applies to, has nothing to check: ode_fit is then
+    reported as not applicable, and a physics prior asked for says why itself)."""
+    try:
+        system.check_differentiable("the in-context fit")
+    except UserError:
+        return
     unknown, _ = unknowns(system)
     if not unknown:
         return
