@@ -20,9 +20,12 @@ from warp_phys.scan import METHODS, PRECISIONS
 # predicts fp16 accurate enough there; only a measurement may change this default.
 GPU_PRECISION = "fp32"
 # prefix_chunk="auto" on a CPU: teacher-forced time chunks that keep (B, chunk, Dθ) in cache
-# (benchmarks/results/train_step_cpu.md), when the whole (B, L, Dθ) would not fit anyway
+# (benchmarks/results/train_step_cpu.md), when the whole (B, L, Dθ) would not fit anyway.
+# Measured on the black-box default root (msd_small, T 256, one thread, teacher-forced step):
+# batch 64 (6.1M elements) 157 ms in one chunk, 225 ms in chunks of 16; batch 128 (12M) 452
+# against 412 ms; batch 256 (24M) 1,110 against 706 ms.
 PREFIX_CHUNK_CPU = 16
-PREFIX_CHUNK_MIN_ELEMENTS = 2**22  # 16 MB of float32 hidden states: below, one chunk
+PREFIX_CHUNK_MIN_ELEMENTS = 2**23  # 32 MB of float32 hidden states: below, one chunk
 
 
 @dataclass(frozen=True)
