@@ -6,7 +6,7 @@ The commands a user types, whole processes, timed from outside:
     warp-phys generate lorenz63 --out DASK --n-train 16384 --chunk C -q --dask local:2
 
 then the two stores compared array by array (every array of every group), then a breakdown of
-the dask run from Python (cluster start, generation, close; every task's compute time from
+the dask run from Python, one chunk per task (cluster start, generation, close; every task's compute time from
 the scheduler's task stream), the scheduler's overhead per task (no-op tasks), and the
 client's own work per chunk (the marks). The machine is shared: the load average is recorded
 before and after every run. Last, the projection to 10^6 trajectories on 64 workers.
@@ -86,7 +86,8 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 
 def breakdown(out: Path, n: int, chunk: int, workers: int) -> dict:
-    """The dask run from Python: where its time goes."""
+    """The dask run from Python: where its time goes, one chunk per task (``batch=chunk``), so
+    that the figures per task are figures per chunk for the projection."""
     from distributed import get_task_stream
 
     from warp_phys.cluster import connect
@@ -104,8 +105,8 @@ def breakdown(out: Path, n: int, chunk: int, workers: int) -> dict:
         cpu0 = client.run(time.process_time)  # per worker process
         t1 = time.perf_counter()
         with get_task_stream(client) as ts:
-            generate_store(get_system("lorenz63"), out, counts=counts, chunk=chunk, client=client,
-                           progress=False)  # fmt: skip
+            generate_store(get_system("lorenz63"), out, counts=counts, chunk=chunk, batch=chunk,
+                           client=client, progress=False)  # fmt: skip
         gen = time.perf_counter() - t1
         cpu1 = client.run(time.process_time)
         t2 = time.perf_counter()
