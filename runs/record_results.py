@@ -1,7 +1,7 @@
 """Record compare runs in runs/results/ (runs/out/ is git-ignored).
 
     python runs/record_results.py NAME "how it was run (command, machine, load)"
-    python runs/record_results.py --summary NAME [NAME ...]
+    python runs/record_results.py --summary NAME|RUN_FOLDER [...]
 
 The first copies one run's table into runs/results/NAME.md, headed by WARP-Phys against the
 best other learned model and against ode_fit. The second writes runs/results/summary.md: one
@@ -145,9 +145,10 @@ def summary(names: list[str]) -> None:
         "ode_fit | WARP-Phys parameters | ode_fit parameters | preset |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in names:
-        r = json.loads((Path("runs/out") / name / "results.json").read_text())
-        lines += _row(name, r)
+    for name in names:  # a preset's name (its run in runs/out) or the path of a run folder
+        folder = Path(name) if "/" in name else Path("runs/out") / name
+        r = json.loads((folder / "results.json").read_text())
+        lines += _row(folder.name, r)
     Path("runs/results").mkdir(exist_ok=True)
     (Path("runs/results") / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
