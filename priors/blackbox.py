@@ -10,7 +10,12 @@ and chosen by measurement (README, "Vanilla WARP on a CPU"): width 16, depth 2, 
 [τ, y_prev], residual: 3 -> 16 -> 16 -> S, Dθ = 370 for S = 2, learning per step several
 times faster than the paper's root and each step 3x cheaper. With `predict_std` the last layer has 2S outputs,
 the std being max(softplus(·), 1e-4); `clip` bounds the mean to [-clip, clip] (the paper
-uses 38 on MSD). Weights are flat in torch.nn.Linear layout (`warp_phys.root.FlatMLP`).
+uses 38 on MSD; "none": no bound). The default, "auto", is `AUTO_CLIP` standard deviations when the model
+standardizes the data (the default, `model.normalize`) and no bound otherwise: a free-running
+forecast that leaves the data's range by that much is already wrong, and without the bound it
+fed back into itself until it overflowed (Lotka-Volterra, at the switch to autoregressive
+training: every later batch non-finite, training stopped). Weights are flat in torch.nn.Linear
+layout (`warp_phys.root.FlatMLP`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ ACTIVATIONS = {
 }
 INPUTS = ("tau", "tau_y")
 STD_FLOOR = 1e-4  # lower bound of the predicted std, as in the paper's code
+AUTO_CLIP = 10.0  # clip="auto": the bound of the mean in standard deviations of the data
 
 
 @register_prior("blackbox")
@@ -48,7 +54,7 @@ class BlackBoxRoot(AbstractRoot):
         inputs: str = "tau_y",  # the paper's optional [τ, y_prev]; "tau" for τ alone
         activation: str = "silu",
         predict_std: bool = False,
-        clip: float | None = None,
+        clip: float | str | None = "auto",
         residual: bool = True,  # predict the increment (the paper predicts y itself)
     ) -> None:
         super().__init__()
@@ -65,8 +71,13 @@ class BlackBoxRoot(AbstractRoot):
             raise UserError(
                 f"blackbox needs width >= 1 and depth >= 0; got width={width}, depth={depth}"
             )
-        if clip is not None and clip <= 0:
-            raise UserError(f"blackbox option clip must be positive or None; got {clip}")
+        if clip == "none":  # TOML has no null
+            clip = None
+        number = isinstance(clip, int | float) and not isinstance(clip, bool)
+        if clip != "auto" and clip is not None and not (number and clip > 0):
+            raise UserError(
+                f"blackbox option clip must be a positive number, 'auto' or 'none'; got {clip!r}"
+            )
         self.state_dim = state_dim
         self.input_kind = inputs
         self.residual = bool(residual)
@@ -84,6 +95,12 @@ class BlackBoxRoot(AbstractRoot):
             theta[theta.numel() - self.mlp.shapes[-1][0] * (self.mlp.shapes[-1][1] + 1) :] = 0.0
         return theta
 
+    def bound(self) -> float | None:
+        """The bound of the mean, `clip` with "auto" resolved (see the module docstring)."""
+        if self.clip == "auto":
+            return AUTO_CLIP if self.standardized else None
+        return self.clip
+
     def forward(
         self, theta: Tensor, tau: Tensor, y_prev: Tensor, dt: float
     ) -> tuple[Tensor, Tensor | None]:
@@ -95,8 +112,9 @@ class BlackBoxRoot(AbstractRoot):
         mean = out[:, :S]
         if self.residual:  # predict the increment: persistence when the output is 0
             mean = y_prev.to(theta.dtype) + mean
-        if self.clip is not None:
-            mean = mean.clamp(-self.clip, self.clip)
+        clip = self.bound()
+        if clip is not None:
+            mean = mean.clamp(-clip, clip)
         if not self.predict_std:
             return mean, None
         return mean, F.softplus(out[:, S:]).clamp_min(STD_FLOOR)

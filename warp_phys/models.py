@@ -65,6 +65,7 @@ def build_model(cfg: ModelConfig, data: Dataset) -> AbstractForecaster:
         root = build_root(
             cfg.prior, state_dim=data.state_dim, system=data.system, **cfg.prior_options
         )
+        root.standardized = bool(cfg.normalize and not physical)
         model = WARP(
             root=root,
             state_dim=data.state_dim,

@@ -40,6 +40,9 @@ class AbstractRoot(nn.Module, ABC):
     n_weights: int  # D_theta
     # True: the model feeds raw states (physics priors), never standardised
     physical_units: bool = False
+    # set by `build_model`: the model standardizes what the root sees (model.normalize and not
+    # physical_units), so the root works in units of the training data's standard deviation
+    standardized: bool = False
     # consecutive fed values ψ_t sees: x_{t-m+1}..x_t (windows reaching before x_0 repeat x_0
     # and its time, so a prior can tell them by a zero time step)
     input_window: int = 2
