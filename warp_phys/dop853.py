@@ -12,6 +12,7 @@ threading and worker processes that keep it so.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 from collections.abc import Callable
@@ -33,6 +34,8 @@ def _scipy_tableau():
     it through ``scipy.integrate`` would first import all of scipy.integrate (0.6 s)."""
     scipy_dir = Path(importlib.util.find_spec("scipy").origin).parent
     path = scipy_dir / "integrate" / "_ivp" / "dop853_coefficients.py"
+    if not path.is_file():  # another scipy layout: the slower import still works
+        return importlib.import_module("scipy.integrate._ivp.dop853_coefficients")
     spec = importlib.util.spec_from_file_location("_warp_phys_dop853_coefficients", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
