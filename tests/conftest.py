@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from warp_phys import Fixed, Param, System
 from warp_phys.system import SPLITS
@@ -59,6 +60,27 @@ def test_systems():
     yield {name: cls() for name, cls in names.items()}
     for name in names:
         SYSTEMS.unregister(name)
+
+
+class _ModelData:
+    """What `build_model` reads of a dataset, for `state_dim` standardized states: no store."""
+
+    dt, system = 0.1, None
+
+    def __init__(self, state_dim: int) -> None:
+        self.state_dim = state_dim
+
+    def offset(self):
+        return torch.zeros(self.state_dim)
+
+    def scale(self):
+        return torch.ones(self.state_dim)
+
+
+@pytest.fixture
+def model_data():
+    """Return ``make(state_dim)``: a stand-in dataset for `build_model`."""
+    return _ModelData
 
 
 @pytest.fixture

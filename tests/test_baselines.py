@@ -86,24 +86,12 @@ def test_n_params_and_bad_inputs():
 
 
 @pytest.mark.parametrize("kind", ["warp", "gru", "lstm"])
-def test_every_model_kind_implements_the_forecaster_interface(kind):
+def test_every_model_kind_implements_the_forecaster_interface(kind, model_data):
     from warp_phys.config import ModelConfig
     from warp_phys.forecaster import AbstractForecaster
     from warp_phys.models import build_model
 
-    class _Data:  # what build_model reads of a dataset
-        state_dim, dt = 2, 0.1
-        system = None
-
-        @staticmethod
-        def offset():
-            return torch.zeros(2)
-
-        @staticmethod
-        def scale():
-            return torch.ones(2)
-
-    model = build_model(ModelConfig(kind=kind), _Data())
+    model = build_model(ModelConfig(kind=kind), model_data(2))
     assert isinstance(model, AbstractForecaster)
     ys = torch.randn(3, 6, 2)
     out = model(ys, context=3, horizon=2)

@@ -75,27 +75,15 @@ def test_bad_options_are_clear_errors():
         BlackBoxRoot(state_dim=1, clip=-1.0)
 
 
-def test_the_automatic_clip_bounds_a_standardized_forecast_only():
+def test_the_automatic_clip_bounds_a_standardized_forecast_only(model_data):
     """clip="auto": 10 standard deviations when the model standardizes what the root sees
     (build_model sets `standardized`), no bound on raw states (normalize = false)."""
     from warp_phys.config import ModelConfig
     from warp_phys.models import build_model
 
-    class _Data:  # what build_model reads of a dataset
-        state_dim, dt = 1, 0.1
-        system = None
-
-        @staticmethod
-        def offset():
-            return torch.zeros(1)
-
-        @staticmethod
-        def scale():
-            return torch.ones(1)
-
     theta = 100 * torch.randn(64, BlackBoxRoot(state_dim=1).n_weights)
     for normalize, bound in ((True, 10.0), (False, None)):
-        model = build_model(ModelConfig(kind="warp", normalize=normalize), _Data())
+        model = build_model(ModelConfig(kind="warp", normalize=normalize), model_data(1))
         root = (model.inner if normalize else model).root
         assert root.bound() == bound
         mean, _ = root(theta, torch.rand(64), torch.zeros(64, 1), 0.1)
