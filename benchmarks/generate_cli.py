@@ -3,10 +3,11 @@ scipy DOP853 loop over the same trajectories (issue 14, item 4).
 
 The command runs as its own process with its default flags (rtol = atol = 1e-8, chunk 256,
 the automatic integration batch), timed from outside: imports, the probe, integration,
-compression and writing of all four splits (4096 + 128 + 128 + 128 trajectories). It runs
-twice, before and after the scipy loop, so that both sides see the same mix of load from other
-jobs on this shared machine; a third run with ``--batch 256`` (one chunk integrated at a time,
-the earlier behaviour) shows what the batch is worth.
+compression and writing of all four splits (4096 + 128 + 128 + 128 trajectories), and the
+interpreter's exit. It runs `--runs` times, half before and half after the scipy loop, so that
+both sides see the same mix of load from other jobs on this shared machine (single runs vary by
++-15% here); the speedup uses the mean. A last run with ``--batch 256`` (one chunk integrated
+at a time, the earlier behaviour) shows what the batch is worth.
 
 The baseline is how dysts and the paper's scripts generate data: ``solve_ivp(method="DOP853")``
 one trajectory at a time with a plain numpy right-hand side, at the store's tolerances and save
@@ -108,32 +109,35 @@ def accuracy(store: Path, check: int, tol: float) -> dict:
 def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="generate-cli-"))
     try:
-        first = run_cli(work / "a.zarr", args.n_train, [])
-        attrs = zarr.open_group(str(work / "a.zarr"), mode="r").attrs["warp_phys"]["arguments"]
+        stores = [work / f"run{i}.zarr" for i in range(args.runs)]
+        half = (args.runs + 1) // 2
+        runs = [run_cli(path, args.n_train, []) for path in stores[:half]]
+        attrs = zarr.open_group(str(stores[0]), mode="r").attrs["warp_phys"]["arguments"]
         tol = float(attrs["rtol"])
         assert float(attrs["atol"]) == tol
         loop_before = load()
-        loop = scipy_loop(work / "a.zarr", args.sample, tol)
+        loop = scipy_loop(stores[0], args.sample, tol)
         loop["load_before"], loop["load_after"] = loop_before, load()
-        second = run_cli(work / "b.zarr", args.n_train, [])
-        one_chunk = run_cli(work / "c.zarr", args.n_train, ["--batch", "256"])
+        runs += [run_cli(path, args.n_train, []) for path in stores[half:]]
+        one_chunk = run_cli(work / "batch256.zarr", args.n_train, ["--batch", "256"])
         same = all(
             np.array_equal(
-                zarr.open_group(str(work / "a.zarr"))[s]["y"][:],
-                zarr.open_group(str(work / "b.zarr"))[s]["y"][:],
+                zarr.open_group(str(stores[0]))[s]["y"][:],
+                zarr.open_group(str(other))[s]["y"][:],
             )
+            for other in stores[1:] + [work / "batch256.zarr"]
             for s in SPLITS
         )
-        acc = accuracy(work / "a.zarr", args.check, tol)
+        acc = accuracy(stores[0], args.check, tol)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    mean = (first["wall_s"] + second["wall_s"]) / 2
+    mean = sum(r["wall_s"] for r in runs) / len(runs)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "n_train": args.n_train,
         "tolerance": tol,
-        "cli": [first, second],
+        "cli": runs,
         "cli_mean_s": mean,
         "cli_batch_256": one_chunk,
         "scipy_loop": loop,
@@ -147,7 +151,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(r: dict) -> str:
     m, loop = r["machine"], r["scipy_loop"]
-    a, b = r["cli"]
+    a = r["cli"][0]
+    n = len(r["cli"])
+    half = (n + 1) // 2
+    each = "\n".join(
+        f"| run {i + 1}{' (after the loop)' if i >= half else ''} | {c['wall_s']:.2f} | | "
+        f"{c['load_before']} → {c['load_after']} |"
+        for i, c in enumerate(r["cli"])
+    )
     rows = "\n".join(
         f"| {s} | {v['n']} | {v['sampled']} | {1e3 * v['s_per_trajectory']:.1f} |"
         for s, v in loop["per_split"].items()
@@ -172,9 +183,8 @@ outside the process (imports included).
 | | wall time (s) | speedup over the scipy loop | load before → after |
 |---|---:|---:|---|
 | scipy DOP853 loop, one trajectory at a time (estimated, below) | {loop["estimated_s"]:.1f} | 1 | {loop["load_before"]} → {loop["load_after"]} |
-| **`warp-phys generate`, defaults (mean of two runs)** | **{r["cli_mean_s"]:.2f}** | **{r["speedup"]:.0f}x** | |
-| run 1 | {a["wall_s"]:.2f} | | {a["load_before"]} → {a["load_after"]} |
-| run 2 | {b["wall_s"]:.2f} | | {b["load_before"]} → {b["load_after"]} |
+| **`warp-phys generate`, defaults (mean of {n} runs)** | **{r["cli_mean_s"]:.2f}** | **{r["speedup"]:.0f}x** | |
+{each}
 | `--batch 256` (one chunk integrated at a time) | {r["cli_batch_256"]["wall_s"]:.2f} | {r["speedup_batch_256"]:.0f}x | {r["cli_batch_256"]["load_before"]} → {r["cli_batch_256"]["load_after"]} |
 
 The scipy loop ran on the first trajectories of each split, at the store's tolerances and save
@@ -185,9 +195,9 @@ times the split's size:
 |---|---:|---:|---:|
 {rows}
 
-Peak resident memory of the generate processes: {a["peak_rss_mb_so_far"]:.0f} MB (the largest
-child of this script so far). The two default runs wrote identical bytes:
-{r["identical_bytes_between_runs"]}.
+Peak resident memory of the generate processes: {max(c["peak_rss_mb_so_far"] for c in r["cli"]):.0f} MB (the largest
+child of this script so far). Every run, `--batch 256` included, wrote the same bytes as
+the first: {r["identical_bytes_between_runs"]}.
 
 Accuracy on the first train trajectories against DOP853 at rtol = atol = 1e-12 (max |error|
 over states and save times):
@@ -208,9 +218,10 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=4096)
     parser.add_argument("--sample", type=int, default=128, help="scipy-loop trajectories per split")
     parser.add_argument("--check", type=int, default=32, help="trajectories checked for accuracy")
+    parser.add_argument("--runs", type=int, default=4, help="default runs of the command")
     args = parser.parse_args()
     if args.quick:
-        args.n_train, args.sample, args.check = 256, 4, 2
+        args.n_train, args.sample, args.check, args.runs = 256, 4, 2, 2
     result = run(args)
     text = markdown(result)
     print(text)

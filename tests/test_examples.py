@@ -50,3 +50,15 @@ def test_fit_names_a_state_size_mismatch(msd_store):
 
     with pytest.raises(ValueError, match="forecasts 3 states but the data has 2"):
         fit(GRUForecaster(state_dim=3), load_dataset(msd_store), context=100)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_import_leaves_the_garbage_collector_as_it_found_it(enabled):
+    # the package pauses the collector while torch and sympy import (warp_phys/__init__.py)
+    code = (
+        f"import gc\n{'gc.enable()' if enabled else 'gc.disable()'}\n"
+        "import warp_phys, warp_phys.cli\nprint(gc.isenabled())"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip() == str(enabled)

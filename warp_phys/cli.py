@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import gc
 import logging
 import os
 import re
 import sys
+from typing import NoReturn
 
 from warp_phys.errors import RankError, UserError
 
@@ -614,6 +616,18 @@ def _check_launcher(command: str) -> None:
             f"`warp-phys {command}` runs in one process{hint}; run it without torchrun "
             f"(torchrun is for train and compare)"
         )
+
+
+def run() -> NoReturn:
+    """The `warp-phys` command: `main`, then exit with its code.
+
+    Before the interpreter shuts down, every object still alive is frozen out of the garbage
+    collector (`gc.freeze`): they are freed at exit anyway, and the collections of the
+    shutdown would otherwise walk torch's whole object graph (0.3-0.4 s of every command on
+    these machines). Files are closed and exit handlers run as usual."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

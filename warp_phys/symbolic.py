@@ -18,6 +18,7 @@ from functools import cached_property
 
 import sympy
 import torch
+from sympy.printing.pycode import PythonCodePrinter
 from torch import Tensor
 
 from warp_phys.errors import UserError
@@ -76,7 +77,24 @@ def _lambdify(args, exprs):
             e = e.replace(fn, sympy.Function(name))
         return e
 
-    return sympy.lambdify(args, plain(exprs), modules=[_TORCH_FUNCS, "math"])
+    printer = _Printer(
+        {
+            "fully_qualified_modules": False,
+            "inline": True,
+            "allow_unknown_functions": True,
+            "user_functions": {name: name for name in _TORCH_FUNCS},
+        }
+    )  # the settings lambdify gives its own printer
+    return sympy.lambdify(args, plain(exprs), modules=[_TORCH_FUNCS, "math"], printer=printer)
+
+
+class _Printer(PythonCodePrinter):
+    """lambdify's printer, with the terms of a sum that print with a minus sign after the
+    others: ``y - x`` instead of ``-x + y``, one tensor op (sub) instead of two (neg, add)."""
+
+    def _as_ordered_terms(self, expr, order=None):
+        terms = super()._as_ordered_terms(expr, order=order)
+        return sorted(terms, key=lambda t: t.could_extract_minus_sign()) if expr.is_Add else terms
 
 
 class SymbolicSystem(System):
@@ -124,29 +142,40 @@ class SymbolicSystem(System):
     def vector_field(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
         t = _tensor(t, y)
         ys = y.unbind(-1)
-        ps = tuple(getattr(p, n) for n in self.params)
-        rows = self._field(t, ys, ps)
+        rows = self._field(t, ys, _columns(self, p))
         return torch.stack([_full(r, ys[0]) for r in rows], -1)
 
     def jacobian(self, t: Tensor, y: Tensor, p: ParamView) -> Tensor:
         t = _tensor(t, y)
         ys = y.unbind(-1)
-        ps = tuple(getattr(p, n) for n in self.params)
-        rows = self._jac(t, ys, ps)
+        rows = self._jac(t, ys, _columns(self, p))
         full = [torch.stack([_full(e, ys[0]) for e in row], -1) for row in rows]
         return torch.stack(full, -2)  # (..., state, state)
 
-    @property
+    # printed once per instance: a store writes them into every split's attributes, and
+    # sympy's printers take tens of milliseconds per call
+    @cached_property
     def equations(self) -> tuple[str, ...]:  # type: ignore[override]
         _, ys, _ = self.symbols
         return tuple(f"{y}' = {sympy.sstr(e)}" for y, e in zip(ys, self.expressions, strict=True))
 
-    def latex(self) -> list[str]:
+    @cached_property
+    def _latex(self) -> tuple[str, ...]:
         _, ys, _ = self.symbols
-        return [
+        return tuple(
             rf"\dot{{{sympy.latex(y)}}} = {sympy.latex(e)}"
             for y, e in zip(ys, self.expressions, strict=True)
-        ]
+        )
+
+    def latex(self) -> list[str]:
+        return list(self._latex)
+
+
+def _columns(system: SymbolicSystem, p: ParamView) -> tuple[Tensor, ...]:
+    """The parameters of `system` from `p`, in declaration order: one op when `p` holds
+    exactly them (as `System.view` makes it), a lookup per name otherwise."""
+    names = tuple(system.params)
+    return p.values.unbind(-1) if p.names == names else tuple(getattr(p, n) for n in names)
 
 
 def _tensor(t, like: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import mmap
 import os
 import pickle
 import signal
+import time
 from collections.abc import Callable
 
 import torch
@@ -24,14 +25,67 @@ from warp_phys.dop853 import _Stuck
 
 
 def default_workers() -> int:
-    """Return the cores not already busy: available cores less the 1-minute load, at least 1.
+    """Return the cores not busy with other work, at least 1.
 
     On a shared machine whose cores other jobs keep busy, a second worker only competes for
     them and costs more CPU (each one steps its own, smaller batch); on an idle one it pays.
+    Busy is measured, where Linux tells it (`/proc/stat`), as the CPU time the whole machine
+    spent since the last look (at the latest, this module's import) less this process's own:
+    the 1-minute load average, used elsewhere, still counts a job that ended 30 s ago, even
+    this process's own imports, and would leave a core idle after any earlier command.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores or 1, round((cores or 1) - busy)))
+    cores = cores or 1
+    busy = _OTHERS.busy_cores()
+    if busy is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+class _OtherWork:
+    """Cores kept busy by other processes, from the per-CPU counters of `/proc/stat` for the
+    CPUs this process may run on (in a container, the host's other CPUs do not count)."""
+
+    MIN_WINDOW = 0.2  # seconds: a shorter window is too coarse (10 ms ticks) to tell
+
+    def __init__(self) -> None:
+        self._last = self._sample()
+        self._busy: float | None = None  # the last measurement
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        """(wall seconds, busy CPU-seconds of our CPUs, CPU-seconds of this process)."""
+        try:
+            mine = os.sched_getaffinity(0)
+            busy = 0
+            with open("/proc/stat", encoding="ascii") as f:
+                for line in f:
+                    name, *values = line.split()
+                    if not name.startswith("cpu"):
+                        break
+                    if name == "cpu" or int(name[3:]) not in mine:
+                        continue
+                    fields = [int(x) for x in values[:8]]  # user .. steal (guest is in user)
+                    busy += sum(fields) - fields[3] - fields[4]  # less idle and iowait
+        except (OSError, ValueError, AttributeError, IndexError):
+            return None
+        own = os.times()
+        spent = own.user + own.system + own.children_user + own.children_system
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), spent
+
+    def busy_cores(self) -> float | None:
+        """Average cores other processes kept busy since the last measurement, or that
+        measurement when this window is shorter than `MIN_WINDOW`; None when unknown."""
+        now, last = self._sample(), self._last
+        if now is None or last is None:
+            return None
+        if now[0] - last[0] >= self.MIN_WINDOW:
+            others = (now[1] - last[1]) - (now[2] - last[2])
+            self._busy, self._last = max(0.0, others / (now[0] - last[0])), now
+        return self._busy
+
+
+_OTHERS = _OtherWork()
 
 
 class _Child:
