@@ -22,8 +22,22 @@ to M and v (a prior learned from the training ranges: it shrinks estimates towar
 helps in distribution and hurts out of it, so it is off by default). Units: each equation is divided by the state's reference scale and by the step's
 reference change h·rate, so every window adds O(1) to M whatever the system.
 
+With noisy observations the integral-form fit is biased (its regressors are the noisy
+observations themselves) and the filtered start state is still noisy; `refine = N` adds the
+output-error refinement of `identify.refine_output_error`: θ also holds the observations
+themselves (a register, A = 1, one slot per step of the grid and state: the sufficient
+statistic of a fit by simulation, for which no smaller sum exists), and at the end of the
+context (`finish_context`, with `hold_after_context`) the root runs N Levenberg-Marquardt
+steps of the fitted equation integrated through the context against them, from the
+least-squares solution; it forecasts from the end of that fitted path with the refined
+coefficients. That is the maximum-likelihood fit under Gaussian observation noise, the
+same fit the `ode_fit` reference makes on noisy stores.
+
 θ layout (D slots): M (upper triangle, K(K+1)/2), v (K), n (fed steps), C_P (S·K), C_q (S)
-running sums; per λ: E_x (S), E_P (S·K), E_q (S) filters; mixture logits (one per λ).
+running sums; per λ: E_x (S), E_P (S·K), E_q (S) filters; mixture logits (one per λ); with
+`refine`: X (W·S) the register of observations (as fed: exact in float32), then c_fit (K),
+x_fit (S), each as a float32 pair (value, remainder) that carries float64, and fitted (1),
+written by `finish_context`.
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ import torch
 from torch import Tensor
 
 from warp_phys.errors import UserError
-from warp_phys.identify import linear_form, substeps_for
+from warp_phys.identify import linear_form, refine_output_error, substeps_for
 from warp_phys.integrate import rk4
 from warp_phys.physics import check_grid, reference, resolve_system, time_map
 from warp_phys.root import AbstractRoot, register_prior
@@ -70,6 +84,8 @@ class LeastSquaresRoot(AbstractRoot):
         smoothing: Sequence[float] = SMOOTHING,  # λ of the state filters, each in (0, 1)
         substeps: int | str = "auto",  # RK4 substeps per step; "auto": h·ρ <= STEP_RATE
         learn_prior: bool = False,  # learn pseudo-observations of c (shrinks towards train)
+        refine: int = 0,  # Levenberg-Marquardt steps of the output-error refinement (0: off)
+        window: int | None = None,  # steps the register holds (default: the whole grid)
     ) -> None:
         super().__init__()
         self.system = resolve_system(
@@ -87,6 +103,12 @@ class LeastSquaresRoot(AbstractRoot):
             raise UserError(f"prior 'lsq': smoothing values must lie in (0, 1); got {smoothing!r}")
         if not (substeps == "auto" or (isinstance(substeps, int) and substeps >= 1)):
             raise UserError(f"prior 'lsq': substeps must be 'auto' or >= 1; got {substeps!r}")
+        if isinstance(refine, bool) or not (isinstance(refine, int) and refine >= 0):
+            raise UserError(f"prior 'lsq': refine must be an integer >= 0; got {refine!r}")
+        window = self.system.n_steps if window is None else window
+        if isinstance(window, bool) or not (isinstance(window, int) and window >= 3):
+            raise UserError(f"prior 'lsq': window must be an integer >= 3; got {window!r}")
+        self.refine, self.window = refine, window if refine else 0
         self.form = form
         self.names = form.names
         self.learn_prior = bool(learn_prior)
@@ -107,7 +129,8 @@ class LeastSquaresRoot(AbstractRoot):
         # ψ: [vech M (tri), v (K), 1, P (S·K), q (S), x (S)]
         self.psi_slices = {}
         k = 0
-        for name, size in (("M", tri), ("v", K), ("one", 1), ("P", S * K), ("q", S), ("x", S)):
+        psi = (("M", tri), ("v", K), ("one", 1), ("P", S * K), ("q", S), ("x", S))
+        for name, size in psi + (("reg", self.window * S),):
             self.psi_slices[name] = slice(k, k + size)
             k += size
         self.n_inputs = k
@@ -121,7 +144,12 @@ class LeastSquaresRoot(AbstractRoot):
                 slots[f"{name}{b}"] = slice(k, k + size)
                 k += size
         slots["logits"] = slice(k, k + n_bank * S)  # (n_bank, S): a mixture per state
-        self.slots, self.n_weights, self.n_bank = slots, k + n_bank * S, n_bank
+        k += n_bank * S
+        refined = (("X", self.window * S), ("c_fit", 2 * K), ("x_fit", 2 * S), ("fitted", 1))
+        for name, size in refined:
+            slots[name] = slice(k, k + size if self.refine else k)
+            k += size if self.refine else 0
+        self.slots, self.n_weights, self.n_bank = slots, k, n_bank
         self.tri = torch.triu_indices(K, K)  # (2, tri) row, col of vech entries
 
     def recurrence(self) -> tuple[Tensor, Tensor]:
@@ -134,6 +162,8 @@ class LeastSquaresRoot(AbstractRoot):
 
         for name, src in (("M", "M"), ("v", "v"), ("n", "one"), ("C_P", "P"), ("C_q", "q")):
             route(s[name], p[src])
+        if self.refine:
+            route(s["X"], p["reg"])  # the observations, each in its own slot
         for b in range(self.n_bank):
             for name, src in (("E_x", "x"), ("E_P", "P"), ("E_q", "q")):
                 route(s[f"{name}{b}"], p[src])
@@ -191,8 +221,21 @@ class LeastSquaresRoot(AbstractRoot):
         P = F1 * half * unit * last[..., None, None]  # (..., S, K)
         q = (g1 + F1 @ centre) * unit[..., 0] * last.unsqueeze(-1)  # (..., S)
         xs = x[..., 2, :] / scale * last.unsqueeze(-1)
-        psi = torch.cat((M, v, last.unsqueeze(-1), P.flatten(-2), q, xs), -1)
-        return psi.to(dtype)
+        parts = [M, v, last.unsqueeze(-1), P.flatten(-2), q, xs]
+        if self.refine:
+            parts.append(self._register_input(t, x, full, last))
+        return torch.cat(parts, -1).to(dtype)
+
+    def _register_input(self, t: Tensor, x: Tensor, full: Tensor, last: Tensor) -> Tensor:
+        """ψ's register part ``(..., W·S)``: x_t in the slots of step t (and x_0 in those of
+        step 0 with the first window, whose x_{t-1} is x_0); steps past W: nothing."""
+        W = self.window
+        k = torch.round((t[..., 2] - self.t_start) / self.h_sys).long()  # (...) step of x_t
+        hot = torch.nn.functional.one_hot(k.clamp(0, W), W + 1)[..., :W].to(x)  # (..., W)
+        reg = hot.unsqueeze(-1) * (x[..., 2, :] * last.unsqueeze(-1)).unsqueeze(-2)
+        first = (last * (1 - full)).unsqueeze(-1)  # (..., 1): the window of step 1
+        reg[..., 0, :] += x[..., 1, :] * first
+        return reg.flatten(-2)
 
     # -- the root ----------------------------------------------------------------------------
     def solve(self, theta: Tensor) -> Tensor:
@@ -208,9 +251,42 @@ class LeastSquaresRoot(AbstractRoot):
         return torch.linalg.solve(M + floor[:, None, None] * eye, v.unsqueeze(-1)).squeeze(-1)
 
     def coefficients(self, theta: Tensor) -> Tensor:
-        """Return the fitted coefficients c ``(B, K)`` float64, within the fit's bounds."""
+        """Return the fitted coefficients c ``(B, K)`` float64, within the fit's bounds (the
+        refined ones where `finish_context` has written them)."""
         z = self.solve(theta)
-        return self.form.clamp(self.form.centre.to(z) + self.form.half.to(z) * z)
+        c = self.form.clamp(self.form.centre.to(z) + self.form.half.to(z) * z)
+        return self._refined(theta, c, "c_fit")
+
+    def _refined(self, theta: Tensor, value: Tensor, slot: str) -> Tensor:
+        """`value`, replaced by θ's `slot` (c_fit or x_fit, float64) where θ was refined."""
+        if not self.refine:
+            return value
+        fitted = theta[:, self.slots["fitted"]].detach() > 0.5  # (B, 1)
+        pair = theta[:, self.slots[slot]].detach().double()
+        n = pair.shape[-1] // 2
+        return torch.where(fitted, pair[:, :n] + pair[:, n:], value)
+
+    def finish_context(self, theta: Tensor) -> Tensor:
+        """With `refine`: the output-error refinement of the context held in θ's register
+        (`identify.refine_output_error`), written into θ's c_fit, x_fit and fitted slots."""
+        if not self.refine:
+            return theta
+        th = theta.detach().double()
+        B, S, W = len(theta), self.form.system.state_dim, self.window
+        n = th[:, self.slots["n"]].squeeze(-1)  # fed steps: x_0..x_n are in the register
+        L = int(n.max().round()) + 1
+        if L < 3 or L > W or bool((n.round() != L - 1).any()):
+            return theta  # a context longer than the register, or ragged: no refinement
+        ys = th[:, self.slots["X"]].view(B, W, S)[:, :L]  # (B, L, S) as fed
+        t = self.t_start + self.h_sys * torch.arange(L, dtype=th.dtype, device=th.device)
+        c0 = self.coefficients(theta)
+        weights = 1.0 / self.scale.to(th) ** 2
+        c, path = refine_output_error(self.form, t, ys, c0, weights, iterations=self.refine)
+        out = theta.clone()
+        out[:, self.slots["c_fit"]] = _pair(c, theta.dtype)
+        out[:, self.slots["x_fit"]] = _pair(path[:, -1], theta.dtype)
+        out[:, self.slots["fitted"]] = 1.0
+        return out
 
     def smoothed_state(self, theta: Tensor, z: Tensor) -> Tensor:
         """Return x̂ ``(B, S)`` float64 at the time of the last fed value (mixture over λ).
@@ -244,11 +320,13 @@ class LeastSquaresRoot(AbstractRoot):
         # the normal equations carry gradients only when their prior is learned
         z = self.solve(theta if self.learn_prior else theta.detach())
         c = self.form.clamp(self.form.centre.to(z) + self.form.half.to(z) * z)  # (B, K)
+        c = self._refined(theta, c, "c_fit")
         t0 = self.t_start + tau.double() * self.t_length - dt  # (B,) time of y_prev
         n = theta[:, self.slots["n"]].double().squeeze(-1)  # fed steps: last at t_start + n h
         first = (n >= 1) & ((t0 - (self.t_start + n * self.h_sys)).abs() < 0.5 * dt)
         # the step right after the last fed value starts from the filtered state
-        start = torch.where(first[:, None], self.smoothed_state(theta, z), y_prev.double())
+        smoothed = self._refined(theta, self.smoothed_state(theta, z), "x_fit")
+        start = torch.where(first[:, None], smoothed, y_prev.double())
         start = self.system.project(start)  # a noisy start may lie outside the state domain
         n_sub = self.substeps
         if n_sub == "auto" and torch.is_grad_enabled():  # training: from the test ranges
@@ -266,3 +344,10 @@ class LeastSquaresRoot(AbstractRoot):
     def learned_names(self) -> tuple[str, ...]:
         """The fitted coefficients: unknown parameters or identifiable combinations."""
         return self.names
+
+
+def _pair(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x (B, n)`` float64 as ``(B, 2n)`` of `dtype`: the rounded value, then the remainder
+    (their float64 sum is x to about twice the precision of `dtype`)."""
+    hi = x.to(dtype)
+    return torch.cat((hi, (x - hi.double()).to(dtype)), -1)

@@ -10,7 +10,9 @@ and references see only the noisy observations). References on the same steps:
   (exact for linear systems such as the MSD);
 - ode_fit: the system's own unknown parameters fitted to each context (least squares of the
   integral form of its equation) and integrated from the last context observation: the fit a
-  scientist does by hand (`warp_phys.identify`).
+  scientist does by hand (`warp_phys.identify`). On a store with observation noise the fit
+  is refined by output error (the fitted equation integrated through the context, matched
+  to the observations), and the forecast starts from the end of that fitted path.
 For systems that declare a Lyapunov time, the valid prediction time of every forecast is
 reported too (`valid_prediction_time`).
 """
@@ -130,7 +132,8 @@ def references_for(data: Dataset, split: str, context: int) -> dict:
     preds = reference_forecasts(obs, context, train_mean)
     extra: dict = {}
     try:
-        fit = ode_fit(data.system, torch.tensor(data.times), obs, context)
+        times = torch.tensor(data.times)
+        fit = ode_fit(data.system, times, obs, context, refine=data.noise > 0)
         preds["ode_fit"] = fit.forecast
         extra["ode_fit"] = {
             "seconds_per_trajectory": fit.seconds_per_trajectory,

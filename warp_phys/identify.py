@@ -46,6 +46,7 @@ RIDGE = 1e-10  # relative floor added to the normal equations (an unexcited cont
 WIDEN = 4.0  # bounds of a fit: test ranges widened by this factor (ratio, or half-widths)
 FORECAST_STEP_RATE = 0.2  # RK4 substeps of a forecast keep h·ρ(∂f/∂y) <= this
 MAX_SUBSTEPS = 64
+REFINE_ITERATIONS = 30  # Levenberg-Marquardt steps of the output-error refinement
 
 
 def unknowns(
@@ -126,6 +127,20 @@ class LinearForm:
         """Return f(t, y) for coefficients ``c (..., K)`` broadcast against y."""
         F, g = self.features(t, y)
         return (F @ c.unsqueeze(-1)).squeeze(-1) + g
+
+    def fast_field(self, c: Tensor):
+        """Return ``f(t, y)`` at coefficients ``c (N, K)``: the system's own vector field when
+        the coefficients are its unknown parameters (one evaluation instead of the K + 1 of
+        `field`), else `field`."""
+        if self.kind != "params":
+            return lambda t, y: self.field(t, y, c)
+        names = self.system.param_names
+        cols = [
+            c[:, self.names.index(n)] if n in self.names else c.new_full(c.shape[:1], self.held[n])
+            for n in names
+        ]
+        p = torch.stack(cols, -1)  # (N, P)
+        return lambda t, y: self.system.f(t, y, p)
 
     def jacobian(self, t: Tensor, y: Tensor, c: Tensor) -> Tensor:
         """Return ∂f/∂y ``(N, S, S)`` at coefficients ``c (N, K)`` (affine in c, like f)."""
@@ -446,6 +461,118 @@ def fit_nonlinear(
     return p
 
 
+def refine_output_error(
+    form: LinearForm,
+    t: Tensor,
+    ys: Tensor,
+    c0: Tensor,
+    weights: Tensor,
+    *,
+    iterations: int = REFINE_ITERATIONS,
+) -> tuple[Tensor, Tensor]:
+    """Refine coefficients ``c0 (N, K)`` by output error over the contexts ``ys (N, L, S)``.
+
+    The integral-form fit regresses on the observations themselves: with observation noise
+    its regressors are noisy (errors in variables), which biases the coefficients, and a
+    forecast from it starts at a noisy last observation. The output-error fit (single
+    shooting) is the maximum-likelihood fit under Gaussian observation noise:
+    Levenberg-Marquardt over the coefficients and the state at the start of the context,
+    minimising the weighted distance between the observations and the fitted equation
+    integrated through the context (RK4). It starts from `c0` and the first observation and
+    accepts only steps that lower that distance. A state bounded below (a population) is
+    fitted in log space above its bound, so the fitted path stays in its domain.
+
+    Returns ``(c (N, K), path (N, L, S))``: the refined coefficients and the fitted path,
+    whose last state is where a forecast starts. A context whose starting point cannot be
+    integrated keeps `c0`, and its observations as the path.
+    """
+    system = form.system
+    N, L, S = ys.shape
+    K, P = form.n, form.n + S
+    y = ys.double()
+    t = torch.as_tensor(t, dtype=torch.float64, device=y.device)
+    w = weights.double().to(y).sqrt()  # (S,)
+    scale = reference(system).scale.to(y)  # (S,)
+    centre, half = form.centre.to(y), form.half.to(y)
+    z_lo, z_hi = (form.low.to(y) - centre) / half, (form.high.to(y) - centre) / half
+    inf = float("inf")
+    lower = y.new_tensor([system.state_bounds.get(n, (-inf, inf))[0] for n in system.state])
+    logged = torch.isfinite(lower)  # (S,) states fitted as lower + exp(u)
+    low = torch.where(logged, lower, 0.0)
+    steps = (t[1:] - t[:-1]).tolist()
+    with torch.no_grad():
+        flat_c = c0.double().repeat_interleave(L, 0)
+        jac = lambda tt, x: form.jacobian(tt, x, flat_c)  # noqa: E731
+        n_sub = substeps_for(jac, t.repeat(N), y.reshape(-1, S), max(steps), FORECAST_STEP_RATE)
+
+    def to_u(c: Tensor, x0: Tensor) -> Tensor:
+        xs = torch.where(logged, torch.log((x0 - low).clamp_min(1e-6) / scale), x0 / scale)
+        return torch.cat(((c - centre) / half, xs), -1)
+
+    def split(u: Tensor) -> tuple[Tensor, Tensor]:
+        c = centre + half * u[:, :K]
+        x0 = torch.where(
+            logged, low + scale * torch.exp(u[:, K:].clamp(max=30.0)), u[:, K:] * scale
+        )
+        return c, x0
+
+    def path(u: Tensor) -> Tensor:  # (M, P) -> (M, L, S)
+        c, x = split(u)
+        field = form.fast_field(c)
+        out = [x]
+        for j, dt in enumerate(steps):
+            x = rk4(field, x, dt, n_sub, t0=float(t[j]))
+            out.append(x)
+        return torch.stack(out, 1)
+
+    def clip(u: Tensor) -> Tensor:
+        return torch.cat((torch.maximum(torch.minimum(u[:, :K], z_hi), z_lo), u[:, K:]), -1)
+
+    def residuals(u: Tensor, obs: Tensor) -> tuple[Tensor, Tensor]:
+        r = ((path(u) - obs) * w).reshape(len(u), -1)
+        cost = (r**2).sum(-1)
+        return r, torch.where(torch.isfinite(cost), cost, inf)
+
+    with torch.no_grad():
+        u = clip(to_u(c0.double(), y[:, 0]))
+        r, cost = residuals(u, y)
+        good = torch.isfinite(cost)  # (N,) contexts the shooting can start from
+        lam = torch.full((N,), 1e-2, dtype=y.dtype, device=y.device)
+        eye = torch.eye(P, dtype=y.dtype, device=y.device)
+        active = good.nonzero().squeeze(-1)  # contexts still improving
+        for _ in range(iterations):
+            if not len(active):
+                break
+            ua, ra, n = u[active], r[active], len(active)
+            du = 1e-6 * (1.0 + ua.abs())  # (n, P) forward differences
+            trial = (ua.unsqueeze(1) + torch.diag_embed(du)).reshape(n * P, P)
+            rp, _ = residuals(trial, y[active].repeat_interleave(P, 0))
+            J = (rp.view(n, P, -1) - ra.unsqueeze(1)) / du.unsqueeze(-1)  # (n, P, R)
+            J = torch.where(torch.isfinite(J), J, 0.0)
+            A = J @ J.mT  # (n, P, P)
+            g = J @ torch.where(torch.isfinite(ra), ra, 0.0).unsqueeze(-1)  # (n, P, 1)
+            la = lam[active]
+            damp = la[:, None, None] * (torch.diag_embed(A.diagonal(dim1=-2, dim2=-1)) + 1e-9 * eye)
+            step = torch.linalg.solve(A + damp, g).squeeze(-1)
+            u_new = clip(ua - torch.where(torch.isfinite(step), step, 0.0))
+            r_new, c_new = residuals(u_new, y[active])
+            ca = cost[active]
+            ok = c_new < ca
+            u[active] = torch.where(ok[:, None], u_new, ua)
+            r[active] = torch.where(ok[:, None], r_new, ra)
+            cost[active] = torch.where(ok, c_new, ca)
+            lam[active] = torch.where(ok, la / 3, la * 4).clamp(1e-12, 1e12)
+            # done: an accepted step that no longer lowers the cost (relative 1e-10), or a
+            # damping so high that no step is taken
+            stalled = (ok & (ca - c_new <= 1e-10 * ca)) | (~ok & (la >= 1e8))
+            active = active[~stalled]
+        c, _ = split(u)
+        fitted = path(u)
+    c = torch.where(good[:, None], c, c0.double())
+    fitted = torch.where(good[:, None, None] & torch.isfinite(fitted), fitted, y)
+    return c, fitted
+
+
 def min_context(system: System, form: LinearForm | None, unknown: Sequence[str]) -> int:
     """The shortest context that fits the unknowns: one equation per window of the rule."""
     K = form.n if form is not None else len(unknown)
@@ -492,6 +619,7 @@ def ode_fit(
     learn: Sequence[str] | None = None,
     fixed: Mapping[str, float] | None = None,
     batch: int = 1024,
+    refine: bool = False,
 ) -> FitResult:
     """Fit the unknowns of `system` to each context ``ys[:, :context] (N, T, S)`` and forecast.
 
@@ -501,6 +629,10 @@ def ode_fit(
     observation (kept in the system's `state_bounds`) over the remaining steps. Raises
     UserError when the context is too short (fewer than K + 2 steps, K windows, for K
     unknowns) or nothing is unknown.
+
+    With `refine` (for noisy observations) the linear fit is refined by output error
+    (`refine_output_error`) and the forecast starts from the end of the fitted path instead
+    of the last, noisy, observation.
     """
     system.check_differentiable("ode_fit")
     start = time.perf_counter()
@@ -522,8 +654,12 @@ def ode_fit(
     for lo in range(0, N, batch):
         y = ys[lo : lo + batch].double()
         y_ctx = y[:, :context]
+        y_start = y[:, context - 1]
         if form is not None:
             c = fit_coefficients(form, t_ctx, y_ctx, w)  # (n, K)
+            if refine:
+                c, fitted = refine_output_error(form, t_ctx, y_ctx, c, w)
+                y_start = fitted[:, -1]
             field = lambda t, x, c=c: form.field(t, x, c)  # noqa: E731
             jac = lambda t, x, c=c: form.jacobian(t, x, c)  # noqa: E731
             parts = dict(zip(form.names, c.unbind(-1), strict=True))
@@ -534,13 +670,13 @@ def ode_fit(
             parts = {n: p[:, system.param_names.index(n)] for n in unknown}
         with torch.no_grad():
             t_last = float(times[context - 1])
-            pred = forecast(field, jac, y[:, context - 1], t_last, dt, T - context,
-                            project=system.project)  # fmt: skip
+            pred = forecast(field, jac, y_start, t_last, dt, T - context, project=system.project)
         preds.append(pred.float())
         for k, v in parts.items():
             est.setdefault(k, []).append(v)
     seconds = (time.perf_counter() - start) / max(N, 1)
     method = "linear least squares" if form is not None else "Levenberg-Marquardt"
+    method += ", refined by output error" if refine and form is not None else ""
     return FitResult(
         forecast=torch.cat(preds),
         estimates={k: torch.cat(v) for k, v in est.items()},

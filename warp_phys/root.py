@@ -79,6 +79,12 @@ class AbstractRoot(nn.Module, ABC):
     def check_steps(self, n_steps: int) -> None:
         """Raise UserError if sequences of `n_steps` states cannot be fed (default: any)."""
 
+    def finish_context(self, theta: Tensor) -> Tensor:
+        """Return θ to hold through the forecast, from θ ``(B, n_weights)`` at the end of the
+        context; called once per forecast by a model that holds θ (`hold_after_context`). A
+        prior may finish its in-context fit here (`priors/lsq.py`). Default: θ unchanged."""
+        return theta
+
     def learnable_init(self) -> Tensor | None:
         """Return a bool mask ``(n_weights,)`` of the entries of θ_0 that training may change
         (the others stay at `init_weights`), or None: every entry is learned."""

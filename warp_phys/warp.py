@@ -253,6 +253,9 @@ class WARP(AbstractForecaster):
         L = min(context, T - 1)  # steps t < L are fed with ground truth
         spec = Spec(ys, tau, dtau, L, teacher_prob, generator, self.resolved_precision(ys.device))
         h, theta, mean, std = self._prefix(op, spec, theta0, keep)
+        finishes = type(self.root).finish_context is not AbstractRoot.finish_context
+        if self.hold_after_context and L < T - 1 and finishes:
+            h, theta, mean, std = self._finish_context(spec, theta0, h, theta, mean, std)
         means, stds, thetas, fed = [mean], [std], [theta], [ys[:, :L]]
         if L < T - 1:  # forecast steps, one at a time: the input depends on the prediction
             base = theta0 if self.anchored else None
@@ -281,6 +284,21 @@ class WARP(AbstractForecaster):
             torch.cat(thetas, 1) if keep else None,
             torch.cat(fed, 1) if keep else None,
         )
+
+    def _finish_context(self, spec: Spec, theta0: Tensor, h: Tensor, theta, mean, std):
+        """Replace θ_{L-1} by the root's `finish_context` of it (held through the forecast)
+        and redo the first forecast step's prediction from it. Return h, θ (when kept), mean
+        and std as `_prefix` does."""
+        base = theta0 if self.anchored else None
+        B, L = spec.ys.shape[0], spec.L
+        last = h if base is None else base + h  # θ_{L-1} (B, Dp)
+        done = self.root.finish_context(last[:, : self.n_weights])
+        done = F.pad(done, (0, self.padded_dim - self.n_weights))
+        m, s = self._root(done, spec.tau[L - 1].expand(B), spec.ys[:, L - 1])
+        mean = torch.cat((mean[:, :-1], m.unsqueeze(1)), 1)
+        std = None if std is None else torch.cat((std[:, :-1], s.unsqueeze(1)), 1)
+        theta = None if theta is None else torch.cat((theta[:, :-1], done.unsqueeze(1)), 1)
+        return (done if base is None else done - base), theta, mean, std
 
     def _prefix(self, op: LinearOp, spec: Spec, theta0: Tensor, keep: bool):
         """Run the teacher-forced steps t < L by the parallel scan. Return the state h_{L-1}
