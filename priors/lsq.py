@@ -109,6 +109,7 @@ class LeastSquaresRoot(AbstractRoot):
         if isinstance(window, bool) or not (isinstance(window, int) and window >= 3):
             raise UserError(f"prior 'lsq': window must be an integer >= 3; got {window!r}")
         self.refine, self.window = refine, window if refine else 0
+        self.finishes_context = bool(refine)
         self.form = form
         self.names = form.names
         self.learn_prior = bool(learn_prior)

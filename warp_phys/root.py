@@ -47,6 +47,8 @@ class AbstractRoot(nn.Module, ABC):
     # and its time, so a prior can tell them by a zero time step)
     input_window: int = 2
     n_inputs: int | None = None  # size of ψ_t; None: the state size (ψ_t = Δx_t)
+    # True when `finish_context` does something (a model holding θ then calls it)
+    finishes_context: bool = False
 
     @abstractmethod
     def init_weights(self, generator: torch.Generator | None = None) -> Tensor:
@@ -81,8 +83,9 @@ class AbstractRoot(nn.Module, ABC):
 
     def finish_context(self, theta: Tensor) -> Tensor:
         """Return θ to hold through the forecast, from θ ``(B, n_weights)`` at the end of the
-        context; called once per forecast by a model that holds θ (`hold_after_context`). A
-        prior may finish its in-context fit here (`priors/lsq.py`). Default: θ unchanged."""
+        context; called once per forecast by a model that holds θ (`hold_after_context`)
+        when `finishes_context` is True. A prior may finish its in-context fit here
+        (`priors/lsq.py`). Default: θ unchanged."""
         return theta
 
     def learnable_init(self) -> Tensor | None:

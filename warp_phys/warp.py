@@ -253,8 +253,7 @@ class WARP(AbstractForecaster):
         L = min(context, T - 1)  # steps t < L are fed with ground truth
         spec = Spec(ys, tau, dtau, L, teacher_prob, generator, self.resolved_precision(ys.device))
         h, theta, mean, std = self._prefix(op, spec, theta0, keep)
-        finishes = type(self.root).finish_context is not AbstractRoot.finish_context
-        if self.hold_after_context and L < T - 1 and finishes:
+        if self.hold_after_context and L < T - 1 and self.root.finishes_context:
             h, theta, mean, std = self._finish_context(spec, theta0, h, theta, mean, std)
         means, stds, thetas, fed = [mean], [std], [theta], [ys[:, :L]]
         if L < T - 1:  # forecast steps, one at a time: the input depends on the prediction
