@@ -49,7 +49,12 @@ import torch
 from torch import Tensor
 
 from warp_phys.errors import UserError
-from warp_phys.identify import linear_form, refine_output_error, substeps_for
+from warp_phys.identify import (
+    linear_form,
+    output_error_applies,
+    refine_output_error,
+    substeps_for,
+)
 from warp_phys.integrate import rk4
 from warp_phys.physics import check_grid, reference, resolve_system, time_map
 from warp_phys.root import AbstractRoot, register_prior
@@ -280,6 +285,8 @@ class LeastSquaresRoot(AbstractRoot):
             return theta  # a context longer than the register, or ragged: no refinement
         ys = th[:, self.slots["X"]].view(B, W, S)[:, :L]  # (B, L, S) as fed
         t = self.t_start + self.h_sys * torch.arange(L, dtype=th.dtype, device=th.device)
+        if not output_error_applies(self.system, t):
+            return theta  # chaos over too long a context: the least-squares fit stands
         c0 = self.coefficients(theta)
         weights = 1.0 / self.scale.to(th) ** 2
         c, path = refine_output_error(self.form, t, ys, c0, weights, iterations=self.refine)
