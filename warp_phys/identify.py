@@ -130,11 +130,23 @@ class LinearForm:
         return (F @ c.unsqueeze(-1)).squeeze(-1) + g
 
     def fast_field(self, c: Tensor):
-        """Return ``f(t, y)`` at coefficients ``c (N, K)``: the system's own vector field when
-        the coefficients are its unknown parameters (one evaluation instead of the K + 1 of
-        `field`), else `field`."""
+        """Return ``f(t, y)`` at coefficients ``c (N, K)``, for many calls at the same c: the
+        system's own vector field when the coefficients are its unknown parameters (one
+        evaluation instead of the K + 1 of `field`); otherwise the mixture of the field at
+        the anchors whose coefficients average to c (f is affine in c), weights computed once.
+        """
         if self.kind != "params":
-            return lambda t, y: self.field(t, y, c)
+            w = (c - self.coeffs0.to(c)) @ self.basis.to(c).mT  # (N, K) weights of anchors 1..K
+            weights = torch.cat((1 - w.sum(-1, keepdim=True), w), -1).unsqueeze(-1)  # (N, K+1, 1)
+            anchors = self.anchors.to(c).expand(len(c), -1, -1)  # (N, K+1, P)
+
+            def mixed(t, y):
+                yk = y.unsqueeze(-2).expand(-1, self.n + 1, -1)  # (N, K+1, S)
+                tk = torch.as_tensor(t, dtype=y.dtype, device=y.device)
+                tk = tk.unsqueeze(-1).expand(yk.shape[:-1]) if tk.dim() else tk
+                return (self.system.f(tk, yk, anchors) * weights).sum(-2)
+
+            return mixed
         names = self.system.param_names
         cols = [
             c[:, self.names.index(n)] if n in self.names else c.new_full(c.shape[:1], self.held[n])
@@ -546,9 +558,20 @@ def refine_output_error(
         cost = (r**2).sum(-1)
         return r, torch.where(torch.isfinite(cost), cost, inf)
 
+    def linearise(u: Tensor, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Residuals, cost and forward-difference Jacobian ``(n, P, R)`` at ``u (n, P)``,
+        from one batch of n (P + 1) paths."""
+        n = len(u)
+        du = 1e-6 * (1.0 + u.abs())  # (n, P)
+        rows = torch.cat((u.unsqueeze(1), u.unsqueeze(1) + torch.diag_embed(du)), 1)
+        r_all, c_all = residuals(rows.reshape(n * (P + 1), P), obs.repeat_interleave(P + 1, 0))
+        r_all = r_all.view(n, P + 1, -1)
+        J = (r_all[:, 1:] - r_all[:, :1]) / du.unsqueeze(-1)
+        return r_all[:, 0], c_all.view(n, P + 1)[:, 0], torch.where(torch.isfinite(J), J, 0.0)
+
     with torch.no_grad():
         u = clip(to_u(c0.double(), y[:, 0]))
-        r, cost = residuals(u, y)
+        r, cost, J = linearise(u, y)
         good = torch.isfinite(cost)  # (N,) contexts the shooting can start from
         lam = torch.full((N,), 1e-2, dtype=y.dtype, device=y.device)
         eye = torch.eye(P, dtype=y.dtype, device=y.device)
@@ -556,23 +579,18 @@ def refine_output_error(
         for _ in range(iterations):
             if not len(active):
                 break
-            ua, ra, n = u[active], r[active], len(active)
-            du = 1e-6 * (1.0 + ua.abs())  # (n, P) forward differences
-            trial = (ua.unsqueeze(1) + torch.diag_embed(du)).reshape(n * P, P)
-            rp, _ = residuals(trial, y[active].repeat_interleave(P, 0))
-            J = (rp.view(n, P, -1) - ra.unsqueeze(1)) / du.unsqueeze(-1)  # (n, P, R)
-            J = torch.where(torch.isfinite(J), J, 0.0)
-            A = J @ J.mT  # (n, P, P)
-            g = J @ torch.where(torch.isfinite(ra), ra, 0.0).unsqueeze(-1)  # (n, P, 1)
-            la = lam[active]
+            ua, ra, Ja, la, ca = u[active], r[active], J[active], lam[active], cost[active]
+            A = Ja @ Ja.mT  # (n, P, P)
+            g = Ja @ torch.where(torch.isfinite(ra), ra, 0.0).unsqueeze(-1)  # (n, P, 1)
             damp = la[:, None, None] * (torch.diag_embed(A.diagonal(dim1=-2, dim2=-1)) + 1e-9 * eye)
             step = torch.linalg.solve(A + damp, g).squeeze(-1)
             u_new = clip(ua - torch.where(torch.isfinite(step), step, 0.0))
-            r_new, c_new = residuals(u_new, y[active])
-            ca = cost[active]
+            # the trial and its Jacobian in one batch: a rejected trial keeps the old Jacobian
+            r_new, c_new, J_new = linearise(u_new, y[active])
             ok = c_new < ca
             u[active] = torch.where(ok[:, None], u_new, ua)
             r[active] = torch.where(ok[:, None], r_new, ra)
+            J[active] = torch.where(ok[:, None, None], J_new, Ja)
             cost[active] = torch.where(ok, c_new, ca)
             lam[active] = torch.where(ok, la / 3, la * 4).clamp(1e-12, 1e12)
             # done: an accepted step that no longer lowers the cost (relative 1e-10), or a
@@ -580,7 +598,7 @@ def refine_output_error(
             stalled = (ok & (ca - c_new <= 1e-10 * ca)) | (~ok & (la >= 1e8))
             active = active[~stalled]
         c, _ = split(u)
-        fitted = path(u)
+        fitted = r.view(N, L, S) / w + y  # the path at u (r = (path - y) · w)
     c = torch.where(good[:, None], c, c0.double())
     fitted = torch.where(good[:, None, None] & torch.isfinite(fitted), fitted, y)
     return c, fitted

@@ -291,13 +291,26 @@ class WARP(AbstractForecaster):
         base = theta0 if self.anchored else None
         B, L = spec.ys.shape[0], spec.L
         last = h if base is None else base + h  # θ_{L-1} (B, Dp)
-        done = self.root.finish_context(last[:, : self.n_weights])
+        done = self._finished(last[:, : self.n_weights])
         done = F.pad(done, (0, self.padded_dim - self.n_weights))
         m, s = self._root(done, spec.tau[L - 1].expand(B), spec.ys[:, L - 1])
         mean = torch.cat((mean[:, :-1], m.unsqueeze(1)), 1)
         std = None if std is None else torch.cat((std[:, :-1], s.unsqueeze(1)), 1)
         theta = None if theta is None else torch.cat((theta[:, :-1], done.unsqueeze(1)), 1)
         return (done if base is None else done - base), theta, mean, std
+
+    def _finished(self, theta: Tensor) -> Tensor:
+        """The root's `finish_context` of θ ``(B, n_weights)``. Outside autograd the last one
+        is remembered: it is a function of θ alone, and evaluation asks for the forecast and
+        then the parameters of the same contexts (an output-error fit each time otherwise)."""
+        if torch.is_grad_enabled():
+            return self.root.finish_context(theta)
+        memo = self.__dict__.get("_finish_memo")
+        if memo is not None and memo[0].shape == theta.shape and torch.equal(memo[0], theta):
+            return memo[1]
+        done = self.root.finish_context(theta)
+        self.__dict__["_finish_memo"] = (theta.clone(), done)
+        return done
 
     def _prefix(self, op: LinearOp, spec: Spec, theta0: Tensor, keep: bool):
         """Run the teacher-forced steps t < L by the parallel scan. Return the state h_{L-1}
