@@ -27,7 +27,7 @@ observations themselves) and the filtered start state is still noisy; `refine = 
 output-error refinement of `identify.refine_output_error`: θ also holds the observations
 themselves (a register, A = 1, one slot per step of the grid and state: the sufficient
 statistic of a fit by simulation, for which no smaller sum exists), and at the end of the
-context (`finish_context`, with `hold_after_context`) the root runs N Levenberg-Marquardt
+context (`finish_context`, with `hold_after_context`) the root runs up to N Levenberg-Marquardt
 steps of the fitted equation integrated through the context against them, from the
 least-squares solution; it forecasts from the end of that fitted path with the refined
 coefficients. That is the maximum-likelihood fit under Gaussian observation noise, the
@@ -89,7 +89,7 @@ class LeastSquaresRoot(AbstractRoot):
         smoothing: Sequence[float] = SMOOTHING,  # λ of the state filters, each in (0, 1)
         substeps: int | str = "auto",  # RK4 substeps per step; "auto": h·ρ <= STEP_RATE
         learn_prior: bool = False,  # learn pseudo-observations of c (shrinks towards train)
-        refine: int = 0,  # Levenberg-Marquardt steps of the output-error refinement (0: off)
+        refine: int = 0,  # most Levenberg-Marquardt steps of the output-error refinement (0: off)
         window: int | None = None,  # steps the register holds (default: the whole grid)
     ) -> None:
         super().__init__()
