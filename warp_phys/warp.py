@@ -129,6 +129,7 @@ class WARP(AbstractForecaster):
         self.dt = float(dt)
         self.anchored = anchored
         self.hold_after_context = hold_after_context
+        self._finish_memo: tuple[Tensor, Tensor] | None = None  # see `_finished`
         self._compile_failed = False  # set when torch.compile of the root failed: eager
         D = root.n_weights
         self.n_weights = D
@@ -305,11 +306,12 @@ class WARP(AbstractForecaster):
         then the parameters of the same contexts (an output-error fit each time otherwise)."""
         if torch.is_grad_enabled():
             return self.root.finish_context(theta)
-        memo = self.__dict__.get("_finish_memo")
-        if memo is not None and memo[0].shape == theta.shape and torch.equal(memo[0], theta):
+        memo = self._finish_memo
+        same = memo is not None and memo[0].shape == theta.shape
+        if same and memo[0].device == theta.device and torch.equal(memo[0], theta):
             return memo[1]
         done = self.root.finish_context(theta)
-        self.__dict__["_finish_memo"] = (theta.clone(), done)
+        self._finish_memo = (theta.clone(), done)
         return done
 
     def _prefix(self, op: LinearOp, spec: Spec, theta0: Tensor, keep: bool):
